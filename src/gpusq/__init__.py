@@ -1,0 +1,27 @@
+"""gpusq: GPUSQ-ViT compression (2:4 sparsity + INT8/INT4/FP8 QAT with distillation) for ViTs.
+
+Lifecycle: ``sparsify_`` → sparse KD fine-tune → ``quantize_`` + ``calibrate`` → QAT with KD →
+``save_compressed`` → deploy (GPU kernels) or export (ONNX).
+"""
+
+__version__ = "0.1.0"
+
+from gpusq.distill import DistillConfig, DistillationLoss  # noqa: E402
+from gpusq.quant import QuantConfig, QuantSpec, calibrate, quantize_  # noqa: E402
+from gpusq.recipes import Recipe, list_recipes, load_recipe  # noqa: E402
+from gpusq.sparsity import SparsityConfig, check_2to4, sparsify_  # noqa: E402
+
+__all__ = [
+    "DistillConfig",
+    "DistillationLoss",
+    "QuantConfig",
+    "QuantSpec",
+    "Recipe",
+    "SparsityConfig",
+    "calibrate",
+    "check_2to4",
+    "list_recipes",
+    "load_recipe",
+    "quantize_",
+    "sparsify_",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from gpusq.cli import main
+
+sys.exit(main())

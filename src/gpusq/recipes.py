@@ -1,0 +1,228 @@
+"""Recipes as data: YAML files naming what to compress and how to train it.
+
+Shipped recipes (``gpusq/recipes/*.yaml``): ``sparse`` (2:4, no quantization), ``int8`` (W8A8
+2:4), ``int4`` (W4A8 2:4), ``fp8`` (E4M3 2:4). A user YAML may start from one (``base: int8``)
+and override any field; unknown keys and bad values are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpusq.distill import DistillConfig
+from gpusq.errors import GpusqError, close_matches
+from gpusq.quant import QuantConfig, QuantSpec
+from gpusq.sparsity import SparsityConfig
+
+
+@dataclass
+class StageConfig:
+    """Optimization of one training stage (AdamW + warmup + cosine)."""
+
+    epochs: float = 1.0
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.0
+    batch_size: int = 128
+    clip_grad: float = 1.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class TrainConfig:
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(epochs=10, lr=2e-4))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=10, lr=5e-5))
+    calib_batches: int = 16
+    importance_batches: int = 8
+
+
+@dataclass
+class DeployConfig:
+    # Precision of everything left uncompressed (norms, head, attention) in the deployed model.
+    dense_dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        if self.dense_dtype not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"dense_dtype must be bf16, fp16 or fp32, got {self.dense_dtype!r}")
+
+    @property
+    def dense_bits(self) -> int:
+        return 32 if self.dense_dtype == "fp32" else 16
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    description: str = ""
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    quant: QuantConfig = field(default_factory=lambda: QuantConfig(QuantSpec(), QuantSpec()))
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+
+    @property
+    def sparse(self) -> bool:
+        return self.sparsity.pattern == "2:4"
+
+    @property
+    def quantized(self) -> bool:
+        return self.quant.weight.enabled or self.quant.act.enabled
+
+    def to_dict(self) -> dict[str, Any]:
+        def conv(v):
+            if dataclasses.is_dataclass(v):
+                return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            if isinstance(v, (list, tuple)):
+                return [conv(x) for x in v]
+            return v
+
+        return conv(self)
+
+
+def recipe_dir() -> Path:
+    return Path(str(resources.files("gpusq") / "recipes"))
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in recipe_dir().glob("*.yaml"))
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _build(cls, data: Any, path: str):
+    """Strictly build dataclass ``cls`` from a mapping: unknown keys and wrong types are errors."""
+    if not isinstance(data, dict):
+        raise GpusqError(f"recipe: '{path or 'recipe'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        if key not in names:
+            hint = close_matches(str(key), names)
+            raise GpusqError(f"recipe: unknown key '{where}'" + (f" (did you mean: {hint}?)" if hint else ""))
+        kwargs[key] = _coerce(hints[key], value, where)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise GpusqError(f"recipe: bad value in '{path or 'recipe'}': {e}") from None
+
+
+def _coerce(hint, value: Any, where: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        origin = typing.get_origin(hint)
+    bad = GpusqError(f"recipe: bad value for '{where}': {value!r}")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise bad
+    elif origin in (list, tuple, collections.abc.Sequence):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise bad
+        value = [str(v) for v in value]
+    return value
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise GpusqError(f"recipe {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise GpusqError(f"recipe {path}: top level must be a mapping")
+    return data
+
+
+def _raw(name_or_path: str, depth: int = 0) -> dict:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise GpusqError(f"recipe file not found: {name_or_path}")
+        data = _read_yaml(p)
+    else:
+        f = recipe_dir() / f"{name_or_path}.yaml"
+        if not f.is_file():
+            raise GpusqError(f"unknown recipe '{name_or_path}' (available: {', '.join(list_recipes())})")
+        data = _read_yaml(f)
+        data.setdefault("name", name_or_path)
+    base = data.pop("base", None)
+    if base is not None:
+        if depth > 8:
+            raise GpusqError("recipe: 'base' chain too deep")
+        data = _merge(_raw(str(base), depth + 1), data)
+    return data
+
+
+def load_recipe(name_or_path: str | Recipe, overrides: dict | None = None) -> Recipe:
+    """A shipped recipe by name, or a YAML file (optionally ``base:``-ing on one), plus overrides."""
+    if isinstance(name_or_path, Recipe):
+        data = name_or_path.to_dict()
+    else:
+        data = _raw(str(name_or_path))
+    if overrides:
+        data = _merge(data, overrides)
+    return _build(Recipe, data, "")
+
+
+def parse_override(text: str) -> dict:
+    """``train.stage1.epochs=3`` → nested dict, value parsed as YAML."""
+    if "=" not in text:
+        raise GpusqError(f"override '{text}' is not KEY=VALUE")
+    key, value = text.split("=", 1)
+    out: dict = {}
+    cur = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def cli_main(argv: list[str], prog: str = "gpusq recipes", command: str = "recipes") -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=prog, description="List the shipped recipes, or print one as YAML.")
+    ap.add_argument("name", nargs="?", help="a recipe to print in full")
+    args = ap.parse_args(argv)
+    if args.name:
+        print(yaml.safe_dump(load_recipe(args.name).to_dict(), sort_keys=False), end="")
+        return 0
+    for n in list_recipes():
+        print(f"{n:<8} {load_recipe(n).description}")
+    return 0
