@@ -1,0 +1,293 @@
+"""Accounting of a model under a recipe: parameters, deployed size and bit-operations.
+
+Nothing is trained: the recipe is applied to a fresh (random) timm model, so the layers counted as
+compressed are exactly those ``gpusq compress`` would compress. One forward of one image under
+``torch.utils.flop_counter.FlopCounterMode`` gives the FLOPs of every matrix product (Linear, conv
+as implicit GEMM, attention's QKᵀ and AV), 2 FLOPs per multiply-accumulate.
+
+Conventions (the paper's, made explicit):
+
+* **Size.** A compressed layer stores its kept values at ``w_bits`` (``density`` of the weight),
+  2 bits of position metadata per kept value when 2:4 sparse, one fp32 scale per output channel
+  when weights are quantized, one fp32 activation scale when inputs are quantized, and its bias at
+  the dense precision. Every other parameter is stored at ``recipe.deploy.dense_bits``.
+* **Bit-ops.** ``FLOPs · density · w_bits · a_bits``; the ratio divides the dense FP32 figure
+  (``FLOPs · 32 · 32``) by it. Compressed layers run at (density, w_bits, a_bits); everything else
+  (head, attention products, Linear layers the recipe leaves dense) at ``dense_bits²``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpusq.errors import GpusqError
+from gpusq.layers import CompressedLayer, compressed_layers
+from gpusq.recipes import Recipe, load_recipe
+
+METADATA_BITS = 2  # per kept value of a 2:4 weight (index of its position in the group of 4)
+SCALE_BYTES = 4  # fp32 scales (per output channel for weights, per tensor for activations)
+
+
+def _is_gemm(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1)
+
+
+def compress_for_accounting_(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """Swap in the compressed layers ``recipe`` selects, without data.
+
+    Weight clip search (``calib: mse``) is skipped: it changes scale values, never what is stored,
+    and costs seconds on a base model.
+    """
+    from gpusq.quant import QuantConfig, quantize_
+    from gpusq.sparsity import sparsify_
+
+    sparsify_(model, recipe.sparsity)
+    if recipe.quantized:
+        w, a = recipe.quant.weight, recipe.quant.act
+        quantize_(model, QuantConfig(dataclasses.replace(w, calib="max"), dataclasses.replace(a, calib="max")))
+    return model
+
+
+def _layer_precision(layer: CompressedLayer, dense_bits: int) -> tuple[float, int, int]:
+    """(density, w_bits, a_bits) the layer executes at, read from its state."""
+    density = 0.5 if layer.weight_mask is not None else 1.0
+    w_bits = layer.weight_quant.spec.bits if layer.weight_quant is not None else dense_bits
+    a_bits = layer.input_quant.spec.bits if layer.input_quant is not None else dense_bits
+    return density, w_bits, a_bits
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, input_size: tuple[int, ...], layers: list[str]) -> tuple[int, dict[str, int]]:
+    """Matmul FLOPs of one forward of one input (batch 1): total, and per named layer.
+
+    Per-layer FLOPs are the growth of the global count between a module's pre- and post-forward
+    hooks, so they do not depend on FlopCounterMode's module naming. Attention runs through the
+    math SDPA backend, whose bmm's every torch version counts.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    x = torch.randn(1, *input_size, device=device)
+    per_layer = dict.fromkeys(layers, 0)
+    start: dict[str, int] = {}
+    fc = FlopCounterMode(display=False)
+    handles = []
+    for name in layers:
+        mod = model.get_submodule(name)
+        handles.append(mod.register_forward_pre_hook(
+            lambda m, a, n=name: start.__setitem__(n, fc.get_total_flops())))
+        handles.append(mod.register_forward_hook(
+            lambda m, a, o, n=name: per_layer.__setitem__(n, per_layer[n] + fc.get_total_flops() - start[n])))
+    was_training = model.training
+    model.eval()
+    try:
+        with sdpa_kernel(SDPBackend.MATH), fc:
+            model(x)
+    except RuntimeError as e:
+        raise GpusqError(f"forward of a {tuple(input_size)} input failed: {str(e).splitlines()[0]}") from None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return int(fc.get_total_flops()), per_layer
+
+
+def _skip_reasons(model: nn.Module, recipe: Recipe, compressed: set[str]) -> dict[str, str]:
+    """Every GEMM layer left dense, with why (so that the dense remainder is never a surprise)."""
+    from gpusq.sparsity import DEFAULT_EXCLUDE, select_layers
+
+    sel = select_layers(model, recipe.sparsity.include, recipe.sparsity.exclude)
+    inc = [re.compile(p) for p in recipe.sparsity.include]
+    exc = [re.compile(p) for p in (*DEFAULT_EXCLUDE, *recipe.sparsity.exclude)]
+    out: dict[str, str] = {}
+    for name, mod in model.named_modules():
+        if name in compressed or not _is_gemm(mod) or isinstance(mod, CompressedLayer):
+            continue
+        if name in sel.skipped:
+            out[name] = sel.skipped[name]
+        elif any(p.search(name) for p in exc):
+            out[name] = "excluded (classifier head or recipe exclude pattern)"
+        elif not any(p.search(name) for p in inc):
+            out[name] = "not matched by the recipe's include patterns"
+        else:
+            out[name] = "not compressed in this model"
+    return out
+
+
+def model_stats(model: nn.Module, recipe: Recipe | str, input_size: tuple[int, ...] | None = None,
+                model_name: str | None = None) -> dict[str, Any]:
+    """Parameters, deployed size and bit-op ratios of ``model`` deployed with ``recipe``.
+
+    A model without compressed layers is compressed (a copy) the way ``recipe`` would; an already
+    compressed model (e.g. from ``load_compressed``) is counted as it is, each layer at the
+    precision its own quantizers say. ``input_size`` is (C, H, W) for images or any per-sample
+    shape; by default the model's own (``gpusq.models.model_input_size``).
+    """
+    from gpusq.models import model_input_size
+
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    dense_bits = recipe.deploy.dense_bits
+    if not compressed_layers(model):
+        model = compress_for_accounting_(copy.deepcopy(model), recipe)
+    layers = compressed_layers(model)
+    input_size = tuple(input_size) if input_size is not None else tuple(model_input_size(model))
+
+    # Parameters: a compressed layer's own weight and bias; quantizer internals (e.g. a learnable
+    # activation scale) are counted as scales below, not as model parameters.
+    params_dense = params_masked = 0
+    size_bits = 0
+    for name, p in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        inside = next((ln for ln in layers if name.startswith(ln + ".")), None)
+        if inside is None:
+            params_dense += p.numel()
+            size_bits += p.numel() * dense_bits
+        elif owner == inside and leaf in ("weight", "bias"):
+            params_dense += p.numel()
+            if leaf == "bias":
+                size_bits += p.numel() * dense_bits
+    for layer in layers.values():
+        density, w_bits, _ = _layer_precision(layer, dense_bits)
+        kept = layer.weight.numel() * density
+        params_masked += layer.weight.numel() - int(kept)
+        size_bits += kept * w_bits
+        if layer.weight_mask is not None:
+            size_bits += kept * METADATA_BITS
+        if layer.weight_quant is not None:
+            size_bits += layer.weight.shape[0] * SCALE_BYTES * 8
+        if layer.input_quant is not None:
+            size_bits += SCALE_BYTES * 8
+
+    flops_dense, per_layer = count_flops(model, input_size, list(layers))
+    flops_compressed = sum(per_layer.values())
+    flops_other = flops_dense - flops_compressed
+    bitops_layers = 0.0
+    for name, layer in layers.items():
+        density, w_bits, a_bits = _layer_precision(layer, dense_bits)
+        bitops_layers += per_layer[name] * density * w_bits * a_bits
+    bitops_all = bitops_layers + flops_other * dense_bits * dense_bits
+    size_compressed = size_bits / 8
+    w_spec, a_spec = recipe.quant.weight, recipe.quant.act
+    return {
+        "model": model_name or type(model).__name__,
+        "recipe": recipe.name,
+        "input_size": list(input_size),
+        "density": 0.5 if recipe.sparse else 1.0,
+        "w_bits": w_spec.bits if w_spec.enabled else dense_bits,
+        "a_bits": a_spec.bits if a_spec.enabled else dense_bits,
+        "dense_bits": dense_bits,
+        "params_dense": params_dense,
+        "params_nonzero": params_dense - params_masked,
+        "size_bytes_fp32": 4 * params_dense,
+        "size_bytes_compressed": size_compressed,
+        "size_ratio": 4 * params_dense / size_compressed,
+        "flops_dense": flops_dense,
+        "flops_compressed": flops_compressed,
+        "flops_other": flops_other,
+        "bitops_ratio_linear": flops_compressed * 1024 / bitops_layers if bitops_layers else 1.0,
+        "bitops_ratio": flops_dense * 1024 / bitops_all if bitops_all else 1.0,
+        "layers_compressed": len(layers),
+        "layers_skipped": _skip_reasons(model, recipe, set(layers)),
+    }
+
+
+def stats(model_name: str, recipe: Recipe | str, **model_kwargs: Any) -> dict[str, Any]:
+    """``model_stats`` of a fresh timm model by name (nothing downloaded).
+
+    The model is built on the ``meta`` device: accounting needs shapes only, and this skips
+    seconds of random init, mask sorting and fake-quantized matmuls on a base model. A model whose
+    forward needs real values falls back to CPU.
+    """
+    from gpusq.models import create_model
+
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    for device in ("meta", "cpu"):
+        with torch.device(device):
+            model = create_model(model_name, **model_kwargs)
+        compress_for_accounting_(model, recipe)
+        try:
+            return model_stats(model, recipe, model_name=model_name)
+        except (NotImplementedError, RuntimeError, GpusqError):
+            if device == "cpu":
+                raise
+    raise AssertionError("unreachable")
+
+
+COLUMNS = [
+    ("model", "model", "{}"),
+    ("recipe", "recipe", "{}"),
+    ("params M", "params_dense", "{:.2f}"),
+    ("nonzero M", "params_nonzero", "{:.2f}"),
+    ("FP32 MB", "size_bytes_fp32", "{:.1f}"),
+    ("deployed MB", "size_bytes_compressed", "{:.2f}"),
+    ("size x", "size_ratio", "{:.2f}"),
+    ("GFLOPs", "flops_dense", "{:.2f}"),
+    ("other %", "flops_other", "{:.1f}"),
+    ("bitops x linear", "bitops_ratio_linear", "{:.1f}"),
+    ("bitops x all", "bitops_ratio", "{:.1f}"),
+    ("layers", "layers_compressed", "{}"),
+]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Plain-text table; params in millions, sizes in MB (10⁶ bytes), FLOPs per image."""
+    scale = {"params_dense": 1e-6, "params_nonzero": 1e-6, "size_bytes_fp32": 1e-6,
+             "size_bytes_compressed": 1e-6, "flops_dense": 1e-9}
+    cells = []
+    for r in rows:
+        line = []
+        for _, key, fmt in COLUMNS:
+            v = r[key]
+            if key == "flops_other":
+                v = 100.0 * v / r["flops_dense"] if r["flops_dense"] else 0.0
+            elif key in scale:
+                v = v * scale[key]
+            line.append(fmt.format(v))
+        cells.append(line)
+    heads = [h for h, _, _ in COLUMNS]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    fmt_row = lambda cs: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cs, widths)))
+    return "\n".join([fmt_row(heads), "  ".join("-" * w for w in widths), *map(fmt_row, cells)])
+
+
+def cli_main(argv: list[str], prog: str = "gpusq stats", command: str = "stats") -> int:
+    from gpusq.models import parse_model_kwargs
+
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description="Parameters, deployed size and bit-op ratios of a timm model under a recipe "
+                    "(random weights, no training, CPU is fine).")
+    ap.add_argument("--model", required=True,
+                    help="timm model name, or several separated by commas (e.g. deit_base_patch16_224)")
+    ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VAL",
+                    help="timm create_model keyword (repeatable), e.g. img_size=32")
+    ap.add_argument("--recipe", default="int8",
+                    help="recipe name or YAML file; several names separated by commas (default: int8)")
+    ap.add_argument("--json", action="store_true",
+                    help="print JSON: one object, or a list when several models/recipes are given")
+    args = ap.parse_args(argv)
+    kwargs = parse_model_kwargs(args.model_arg)
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    recipe_names = [r.strip() for r in args.recipe.split(",") if r.strip()]
+    if not models:
+        raise GpusqError("--model is empty")
+    if not recipe_names:
+        raise GpusqError("--recipe is empty")
+    recipes = [load_recipe(r) for r in recipe_names]  # fail on a bad name before any model work
+    rows = [stats(m, r, **kwargs) for m in models for r in recipes]
+    if args.json:
+        print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
+    else:
+        print(format_table(rows))
+    return 0
