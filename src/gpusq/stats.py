@@ -52,7 +52,8 @@ def compress_for_accounting_(model: nn.Module, recipe: Recipe) -> nn.Module:
     sparsify_(model, recipe.sparsity)
     if recipe.quantized:
         w, a = recipe.quant.weight, recipe.quant.act
-        quantize_(model, QuantConfig(dataclasses.replace(w, calib="max"), dataclasses.replace(a, calib="max")))
+        cfg = QuantConfig(dataclasses.replace(w, calib="max"), dataclasses.replace(a, calib="max"))
+        quantize_(model, cfg)
     return model
 
 
@@ -65,7 +66,9 @@ def _layer_precision(layer: CompressedLayer, dense_bits: int) -> tuple[float, in
 
 
 @torch.no_grad()
-def count_flops(model: nn.Module, input_size: tuple[int, ...], layers: list[str]) -> tuple[int, dict[str, int]]:
+def count_flops(
+    model: nn.Module, input_size: tuple[int, ...], layers: list[str]
+) -> tuple[int, dict[str, int]]:
     """Matmul FLOPs of one forward of one input (batch 1): total, and per named layer.
 
     Per-layer FLOPs are the growth of the global count between a module's pre- and post-forward
