@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The one script sent to the GPU machine (H100): install, GPU tests, benchmarks; logs to $OUT.
+#   bash benchmarks/gpu_run.sh STAGE...   stages: probe tests deit_b models sweep
+# Searched cuSPARSELt algorithm ids persist across calls via .carry/cslt_algs.json (carried).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpusq_out}; mkdir -p "$OUT"
+export GPUSQ_CACHE_DIR=/tmp/gpusq_cache; mkdir -p "$GPUSQ_CACHE_DIR"
+[ -f .carry/cslt_algs.json ] && cp .carry/cslt_algs.json "$GPUSQ_CACHE_DIR/"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.txt" 2>&1 || { cat "$OUT/pip.txt"; exit 1; }
+LOG="$OUT/log.txt"
+summary() { cp -f "$GPUSQ_CACHE_DIR/cslt_algs.json" "$OUT/" 2>/dev/null; }
+trap summary EXIT
+for stage in "$@"; do
+  echo "=== $stage $(date -u +%T)" | tee -a "$LOG"
+  case "$stage" in
+    probe)
+      nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$LOG"
+      python3 - <<'PY' 2>&1 | tee -a "$LOG"
+import torch
+print("torch", torch.__version__, "cusparselt", torch.backends.cusparselt.version(), torch.cuda.get_device_name())
+print(torch.ops.aten._cslt_sparse_mm.default._schema)
+print(torch.ops.aten._scaled_mm.default._schema)
+from gpusq.deploy.cusparselt import epilogue_mode
+for k in ("int8", "fp8", "bf16"):
+    try:
+        print("epilogue", k, epilogue_mode(k))
+    except Exception as e:
+        print("epilogue", k, "FAILED", str(e).splitlines()[0])
+PY
+      ;;
+    tests)
+      timeout 400 python3 -m pytest -m gpu tests/gpu -x -q -s -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | grep -E "CORRECTNESS|passed|failed|Error|error" | tee -a "$LOG"
+      ;;
+    deit_b)
+      timeout 500 gpusq bench --model deit_base_patch16_224 --recipe int8 --batch 1,256 --profile \
+        --json "$OUT/bench_deit_b.json" 2>&1 | tee -a "$LOG"
+      ;;
+    small)
+      timeout 540 gpusq bench --model deit_tiny_patch16_224,deit_small_patch16_224,swin_tiny_patch4_window7_224 \
+        --recipe int8 --batch 1,256 --profile --json "$OUT/bench_small.json" 2>&1 | tee -a "$LOG"
+      ;;
+    fp8)
+      timeout 300 gpusq bench --model deit_base_patch16_224 --recipe fp8 --batch 1,256 \
+        --variants bf16-compile,fp8-dense,gpusq --json "$OUT/bench_deit_b_fp8.json" 2>&1 | tee -a "$LOG"
+      ;;
+    *) echo "unknown stage $stage" | tee -a "$LOG" ;;
+  esac
+done

@@ -1,0 +1,215 @@
+"""Deployment of compressed models on real sparse / low-precision GPU kernels.
+
+``deploy(model_or_dir, recipe=None, batch_sizes=(1,))`` turns a compressed model (with
+``CompressedLinear`` / ``CompressedConv2d`` layers) or a ``gpusq compress`` output directory into
+a ``DeployedModel`` on the GPU:
+
+* INT8 (and INT4, unpacked to INT8 at load: the H100 has no INT4 tensor cores) 2:4 layers run on
+  cuSPARSELt with INT8 activations; the per-channel scale and the bias go into the GEMM epilogue;
+* FP8 layers run 2:4 on cuSPARSELt or dense on ``torch._scaled_mm``, whichever was faster when
+  timed at the layer's shape (``DeployedModel.kernel_report()`` says which);
+* activation quantization is fused by ``torch.compile`` into the op producing the activation
+  (LayerNorm, GELU, the attention output transpose), so int8 crosses memory, not bf16;
+* the rest (attention through SDPA, norms, head) runs in bf16 (``recipe.deploy.dense_dtype``);
+* the whole forward is captured in a CUDA graph per batch size.
+
+Without a suitable GPU (CUDA, compute capability >= 8.0, cuSPARSELt) it raises ``GpusqError``;
+there is no silent CPU fallback.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gpusq.deploy.cusparselt import check_gpu, searched_algs
+from gpusq.deploy.packing import pack_int4, unpack_int4
+from gpusq.errors import GpusqError
+
+__all__ = ["deploy", "DeployedModel", "check_gpu", "pack_int4", "unpack_int4", "layer_codes", "searched_algs"]
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def layer_codes(layer: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(kind, weight codes [N, K] as float, weight scale [N], input scale) of a compressed layer.
+
+    The codes are exactly the integers (or E4M3 values) that the fake-quant layer multiplies:
+    ``effective_weight = codes * weight_scale``. INT4 codes go through ``pack_int4`` /
+    ``unpack_int4`` (the storage format) on the way.
+    """
+    from gpusq.quant import FP8_MAX, quantize_to_int
+
+    wq = layer.weight_quant.spec.dtype if layer.weight_quant is not None else "none"
+    aq = layer.input_quant.spec.dtype if layer.input_quant is not None else "none"
+    sparse = layer.weight_mask is not None
+    with torch.no_grad():
+        w = layer.effective_weight().detach().float()
+        w = w.reshape(w.shape[0], -1)
+        s_in = layer.input_quant.scale.detach().abs().float().reshape(()) if aq != "none" else None
+        if wq in ("int8", "int4") and aq == "int8" and sparse:
+            ws = layer.weight_scale().detach().float().reshape(-1)
+            codes = quantize_to_int(w, ws[:, None], wq, weight=True)
+            if wq == "int4":
+                codes = unpack_int4(pack_int4(codes))
+            return "int8", codes.float(), ws, s_in
+        if wq == "fp8_e4m3" and aq == "fp8_e4m3":
+            ws = layer.weight_scale().detach().float().reshape(-1)
+            codes = torch.clamp(w / ws[:, None], -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+            return "fp8", codes, ws, s_in
+        if wq == "none" and aq == "none" and sparse:
+            return "bf16", w, None, None
+    what = f"{wq} weights, {aq} activations, {'2:4' if sparse else 'dense'}"
+    raise GpusqError(
+        f"no deployment kernel for a layer with {what} (supported: int8/int4 weights + int8 activations "
+        "with 2:4; fp8 weights + fp8 activations; 2:4 without quantization)")
+
+
+class DeployedModel(nn.Module):
+    """A deployed model: ``forward(x)`` replays the CUDA graph captured for ``x.shape[0]``.
+
+    The output is the graph's static buffer (overwritten by the next call of the same batch
+    size); ``.clone()`` it to keep it. New batch sizes are prepared on first use.
+    """
+
+    def __init__(self, model: nn.Module, input_size: tuple[int, int, int], *, compile: str = "blocks",
+                 cuda_graphs: bool = True, input_dtype: torch.dtype = torch.bfloat16,
+                 dense_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.model = model
+        self.input_size = tuple(input_size)
+        self.compile_scope = compile
+        self.cuda_graphs = cuda_graphs
+        self.input_dtype = input_dtype
+        self.dense_dtype = dense_dtype
+        self._compiled = False
+        self._runners: dict[int, object] = {}
+        self._pool = None
+
+    def _core(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.input_dtype))
+
+    @torch.no_grad()
+    def prepare(self, batch: int):
+        """Choose kernels for this batch size (eager pass), compile, and capture its graph."""
+        from gpusq.deploy.fused import compile_regions
+        from gpusq.deploy.graphs import GraphRunner
+
+        dev = next(self.model.parameters()).device
+        x = torch.randn(batch, *self.input_size, device=dev)
+        stance = getattr(torch.compiler, "set_stance", None)
+        if self._compiled and stance is not None:
+            with stance("force_eager"):
+                self._core(x)
+        elif not self._compiled:
+            self._core(x)
+        else:  # torch < 2.6 cannot pause compiled regions: search by calling each layer directly
+            raise GpusqError("preparing a new batch size after compilation needs torch >= 2.6")
+        if not self._compiled:
+            compile_regions(self.model, self.compile_scope)
+            self._compiled = True
+        if not self.cuda_graphs:
+            self._core(x)
+            return None
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        runner = GraphRunner(self._core, x, pool=self._pool)
+        self._runners[batch] = runner
+        return runner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.input_size:
+            raise GpusqError(f"input of shape {tuple(x.shape)} does not match the deployed model's "
+                             f"(B, {', '.join(map(str, self.input_size))})")
+        b = x.shape[0]
+        if not self.cuda_graphs:
+            if not self._compiled:
+                self.prepare(b)
+            return self._core(x)
+        runner = self._runners.get(b) or self.prepare(b)
+        return runner(x)
+
+    def kernel_report(self) -> list[dict]:
+        """Per deployed layer: kind, shape, epilogue mode and the kernel/alg chosen per row count."""
+        from gpusq.deploy.modules import DeployedLinear
+
+        out = []
+        for name, m in self.model.named_modules():
+            if isinstance(m, DeployedLinear):
+                out.append({"layer": name, "kind": m.kind, "sparse": m.sparse, "n": m.out_features,
+                            "k": m.in_features, "epilogue": m.epilogue,
+                            "choice": {str(k): list(v) for k, v in m.choice.items()},
+                            "ms": {str(k): v for k, v in m.timings.items()}})
+        return out
+
+
+def _as_model(model_or_dir, recipe):
+    from gpusq.recipes import Recipe, load_recipe
+
+    if isinstance(model_or_dir, (str, Path)):
+        from gpusq.checkpoint import load_compressed
+
+        model, rec, _ = load_compressed(model_or_dir)
+        if recipe is None:
+            recipe = rec
+    elif isinstance(model_or_dir, nn.Module):
+        model = model_or_dir
+    else:
+        raise GpusqError("deploy takes a model or a gpusq output directory, got "
+                         f"{type(model_or_dir).__name__}")
+    if recipe is not None and not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    return model, recipe
+
+
+def deploy(model_or_dir, recipe=None, batch_sizes=(1,), *, input_size: tuple[int, int, int] | None = None,
+           compile: str = "blocks", cuda_graphs: bool = True, fp8_kernel: str = "auto",
+           device: torch.device | None = None) -> DeployedModel:
+    """Build the inference module (see the module docstring).
+
+    ``compile``: ``blocks`` (each transformer block compiled once and reused), ``model`` (one graph)
+    or ``none``. ``fp8_kernel`` (also used for un-quantized 2:4 layers): ``auto`` times cuSPARSELt
+    2:4 against the dense kernel per shape; ``sparse`` / ``dense`` force one.
+    """
+    from gpusq.deploy.modules import DeployedLinear, DeployedPatchEmbed
+    from gpusq.layers import compressed_layers, replace_module
+    from gpusq.models import model_input_size
+
+    if fp8_kernel not in ("auto", "sparse", "dense"):
+        raise GpusqError(f"fp8_kernel must be auto, sparse or dense, got {fp8_kernel!r}")
+    if compile not in ("blocks", "model", "none"):
+        raise GpusqError(f"compile must be blocks, model or none, got {compile!r}")
+    dev = device or check_gpu()
+    model, recipe = _as_model(model_or_dir, recipe)
+    layers = compressed_layers(model)
+    if not layers:
+        raise GpusqError("the model has no compressed layers (run sparsify_/quantize_ or gpusq compress "
+                         "first)")
+    dense_dtype = DTYPES[recipe.deploy.dense_dtype] if recipe is not None else torch.bfloat16
+    model = copy.deepcopy(model).eval()
+    layers = compressed_layers(model)
+    new: dict[str, nn.Module] = {}
+    for name, layer in layers.items():
+        kind, codes, ws, s_in = layer_codes(layer)
+        if isinstance(layer, nn.Conv2d) and not DeployedPatchEmbed.supported(layer):
+            raise GpusqError(f"{name}: only non-overlapping patch convolutions (stride = kernel, no "
+                             "padding) can be deployed")
+        kernel = "sparse" if kind == "int8" else fp8_kernel
+        lin = DeployedLinear(codes, kind, weight_scale=ws, input_scale=s_in, bias=layer.bias,
+                             sparse=layer.weight_mask is not None, device=dev, kernel=kernel, name=name)
+        new[name] = DeployedPatchEmbed(layer, lin) if isinstance(layer, nn.Conv2d) else lin
+    size = input_size or model_input_size(model)
+    pe = getattr(model, "patch_embed", None)
+    pe_compressed = pe is not None and any(getattr(pe, "proj", None) is m for m in layers.values())
+    input_dtype = torch.float32 if pe_compressed else dense_dtype
+    model.to(device=dev, dtype=dense_dtype)
+    for name, mod in new.items():
+        replace_module(model, name, mod)
+    out = DeployedModel(model, size, compile=compile, cuda_graphs=cuda_graphs, input_dtype=input_dtype,
+                        dense_dtype=dense_dtype)
+    for b in batch_sizes:
+        out.prepare(int(b))
+    return out

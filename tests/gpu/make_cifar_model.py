@@ -1,0 +1,120 @@
+"""Train a tiny DeiT on the offline CIFAR-10 jpgs (CPU, a few minutes) and compress it to INT8 2:4.
+
+Why: the GPU correctness test (tests/gpu/test_deploy_gpu.py) compares the deployed model with
+its fake-quant twin on a *trained* compressed model and real images, where it exists; random
+weights hide problems (flat logits, no outliers). Output (git-ignored, carried to the device):
+
+    .carry/cifar_deit_int8/      gpusq compress output format (save_compressed)
+    .carry/cifar_test.safetensors  2,000 test images (uint8 NCHW) + labels
+
+Run: python tests/gpu/make_cifar_model.py [--zip PATH] [--out .carry]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+MODEL = "deit_tiny_patch16_224"
+KWARGS = dict(img_size=32, patch_size=4, num_classes=10, depth=4)
+
+
+def load_split(zf: zipfile.ZipFile, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    xs, ys = [], []
+    for name in sorted(zf.namelist()):
+        parts = name.split("/")
+        if len(parts) != 4 or parts[1] != split or not name.endswith(".jpg"):
+            continue
+        img = Image.open(io.BytesIO(zf.read(name))).convert("RGB")
+        xs.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+        ys.append(CLASSES.index(parts[2]))
+    return torch.from_numpy(np.stack(xs)), torch.tensor(ys)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return (x.float() / 255.0 - MEAN) / STD
+
+
+def train(model, x, y, epochs: float, lr: float, bs: int = 128) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    steps = int(epochs * len(x) / bs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (bs,), generator=g)
+        xb = normalize(x[idx])
+        if torch.rand(1, generator=g) < 0.5:
+            xb = xb.flip(3)
+        loss = F.cross_entropy(model(xb), y[idx], label_smoothing=0.1)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            print(f"  step {step}/{steps} loss {loss.item():.3f}", flush=True)
+
+
+@torch.no_grad()
+def accuracy(model, x, y) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), 500):
+        correct += (model(normalize(x[i:i + 500])).argmax(1) == y[i:i + 500]).sum().item()
+    return correct / len(x)
+
+
+def main() -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    from gpusq.checkpoint import save_compressed
+    from gpusq.quant import calibrate, quantize_
+    from gpusq.recipes import load_recipe
+    from gpusq.sparsity import sparsify_
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zip", default="/work/shared/data/cifar10-jpeg-20k.zip")
+    ap.add_argument("--out", default=".carry")
+    ap.add_argument("--epochs", type=float, default=1.5)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    t0 = time.time()
+    with zipfile.ZipFile(args.zip) as zf:
+        xtr, ytr = load_split(zf, "train")
+        xte, yte = load_split(zf, "test")
+    print(f"data {tuple(xtr.shape)} {tuple(xte.shape)} in {time.time() - t0:.0f}s", flush=True)
+    model = timm.create_model(MODEL, pretrained=False, **KWARGS)
+    train(model, xtr, ytr, args.epochs, 1e-3)
+    print(f"dense acc {accuracy(model, xte[:2000], yte[:2000]):.3f} ({time.time() - t0:.0f}s)", flush=True)
+    r = load_recipe("int8")
+    sparsify_(model, r.sparsity)
+    train(model, xtr, ytr, 0.5, 3e-4)
+    print(f"2:4 acc {accuracy(model, xte[:2000], yte[:2000]):.3f} ({time.time() - t0:.0f}s)", flush=True)
+    quantize_(model, r.quant)
+    calibrate(model, lambda m: [m(normalize(xtr[i:i + 256])) for i in range(0, 1024, 256)])
+    train(model, xtr, ytr, 0.25, 5e-5)
+    acc = accuracy(model, xte[:2000], yte[:2000])
+    print(f"int8 2:4 fake-quant acc {acc:.3f} ({time.time() - t0:.0f}s)", flush=True)
+    out = Path(args.out)
+    save_compressed(model, out / "cifar_deit_int8", r, MODEL, KWARGS)
+    save_file({"images": xte[:2000].contiguous(), "labels": yte[:2000].contiguous()},
+              str(out / "cifar_test.safetensors"), metadata={"fake_quant_acc": f"{acc:.4f}"})
+    print("saved", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""GPU tests of gpusq.deploy: deployed (real INT8/FP8 2:4 kernels) vs the fake-quant model.
+
+Run on the device machine: ``python -m pytest -m gpu tests/gpu -q -s``. The model-level test uses
+the trained CIFAR-10 DeiT from ``tests/gpu/make_cifar_model.py`` when ``.carry/`` holds it (real
+images), otherwise a randomly initialized model calibrated on random inputs; it prints which.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+ROOT = Path(__file__).resolve().parents[2]
+CARRY = Path(os.environ.get("GPUSQ_CARRY", ROOT / ".carry"))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def compressed_model(recipe_name: str, name: str = "deit_tiny_patch16_224", seed: int = 0, **kw):
+    import timm
+
+    from gpusq.quant import calibrate, quantize_
+    from gpusq.recipes import load_recipe
+    from gpusq.sparsity import sparsify_
+
+    torch.manual_seed(seed)
+    m = timm.create_model(name, pretrained=False, **kw).cuda().eval()
+    r = load_recipe(recipe_name)
+    sparsify_(m, r.sparsity)
+    quantize_(m, r.quant)
+    c, h, w = 3, kw.get("img_size", 224), kw.get("img_size", 224)
+    calib = torch.randn(16, c, h, w, device="cuda")
+    calibrate(m, lambda mm: mm(calib))
+    return m.eval(), r, (c, h, w)
+
+
+def compare(fq, deployed, x) -> tuple[float, float]:
+    with torch.no_grad():
+        ref = fq(x)
+        out = deployed(x).clone()
+    assert torch.isfinite(out).all()
+    agree = float((out.argmax(1) == ref.argmax(1)).float().mean())
+    return rel_err(out, ref), agree
+
+
+def test_linear_int8_matches_fake_quant():
+    """One layer, awkward shapes (rows, K and N not multiples of 32): padding + epilogue."""
+    from gpusq.deploy import layer_codes
+    from gpusq.deploy.modules import DeployedLinear
+    from gpusq.layers import CompressedLinear
+    from gpusq.quant import QuantSpec, calibrate
+    from gpusq.sparsity import mask_2to4
+
+    torch.manual_seed(0)
+    lin = CompressedLinear(100, 70).cuda()
+    lin.set_mask_(mask_2to4(lin.weight))
+    lin.set_quant_(QuantSpec("int8"), QuantSpec("int8"))
+    x = torch.randn(3, 131, 100, device="cuda")
+    calibrate(lin, lambda m: m(x))
+    kind, codes, ws, s_in = layer_codes(lin)
+    dl = DeployedLinear(codes, kind, weight_scale=ws, input_scale=s_in, bias=lin.bias, sparse=True,
+                        device=torch.device("cuda"), kernel="sparse", name="t")
+    with torch.no_grad():
+        ref = lin(x)
+        out = dl(x.to(torch.bfloat16))
+    err = rel_err(out, ref)
+    print(f"CORRECTNESS linear int8 2:4 (M=393,K=100,N=70): rel err {err:.2e}, epilogue={dl.epilogue}")
+    assert out.shape == ref.shape and err < 1e-2
+
+
+def test_deit_int8_deployed_matches_fake_quant():
+    from gpusq.checkpoint import load_compressed
+    from gpusq.deploy import deploy
+
+    trained = CARRY / "cifar_deit_int8"
+    if (trained / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        fq, _, _ = load_compressed(trained)
+        fq = fq.cuda().eval()
+        data = load_file(str(CARRY / "cifar_test.safetensors"))
+        mean = torch.tensor([0.4914, 0.4822, 0.4465], device="cuda").view(1, 3, 1, 1)
+        std = torch.tensor([0.2470, 0.2435, 0.2616], device="cuda").view(1, 3, 1, 1)
+        x = (data["images"].cuda().float() / 255.0 - mean) / std
+        labels = data["labels"].cuda()
+        what = f"trained CIFAR-10 DeiT (depth 4), {len(x)} real test images"
+        dm = deploy(str(trained), batch_sizes=(500,))
+    else:
+        fq, r, size = compressed_model("int8", img_size=32, patch_size=4, num_classes=10, depth=4)
+        x = torch.randn(2000, *size, device="cuda")
+        labels = None
+        what = "random-init DeiT-T (depth 4) calibrated on random inputs, 2000 random inputs"
+        dm = deploy(fq, r, batch_sizes=(500,))
+    errs, agrees, acc_d, acc_f = [], [], 0.0, 0.0
+    for i in range(0, len(x), 500):
+        e, a = compare(fq, dm, x[i:i + 500])
+        errs.append(e)
+        agrees.append(a)
+        if labels is not None:
+            with torch.no_grad():
+                acc_d += float((dm(x[i:i + 500]).argmax(1) == labels[i:i + 500]).sum())
+                acc_f += float((fq(x[i:i + 500]).argmax(1) == labels[i:i + 500]).sum())
+    err, agree = max(errs), sum(agrees) / len(agrees)
+    acc = f", top-1 deployed {acc_d / len(x):.4f} vs fake-quant {acc_f / len(x):.4f}" if labels is not None else ""
+    print(f"CORRECTNESS deit int8 2:4 [{what}]: logits rel err (max over batches) {err:.2e}, "
+          f"top-1 agreement {agree:.4f}{acc}")
+    assert err <= 1e-2 and agree >= 0.99
+
+
+@pytest.mark.parametrize("recipe", ["int4", "fp8"])
+def test_other_recipes_match_fake_quant(recipe):
+    from gpusq.deploy import deploy
+
+    fq, r, size = compressed_model(recipe, img_size=32, patch_size=4, num_classes=10, depth=2, seed=1)
+    dm = deploy(fq, r, batch_sizes=(256,))
+    x = torch.randn(256, *size, device="cuda")
+    err, agree = compare(fq, dm, x)
+    kinds = sorted({tuple(v) for layer in dm.kernel_report() for v in layer["choice"].values()})
+    print(f"CORRECTNESS deit {recipe} [random-init DeiT-T depth 2, random inputs]: rel err {err:.2e}, "
+          f"top-1 agreement {agree:.4f}, kernels {kinds}")
+    assert err <= 1e-2 and agree >= 0.99
+
+
+def test_swin_int8_windows_and_batch_sizes():
+    """Window attention (49 tokens per window -> padded rows), patch 4x4 (K=48 -> padded), and two
+    batch sizes captured side by side."""
+    from gpusq.deploy import deploy
+
+    fq, r, size = compressed_model("int8", name="swin_tiny_patch4_window7_224", img_size=112,
+                                   depths=(2, 2), num_heads=(3, 6), num_classes=10)
+    dm = deploy(fq, r, batch_sizes=(1, 5))
+    for b in (1, 5):
+        x = torch.randn(b, *size, device="cuda")
+        err, agree = compare(fq, dm, x)
+        print(f"CORRECTNESS swin int8 2:4 batch {b} [random-init, random inputs]: rel err {err:.2e}")
+        assert err <= 1e-2
+
+
+def test_graph_replay_matches_uncaptured_and_new_batch():
+    from gpusq.deploy import deploy
+
+    fq, r, size = compressed_model("int8", img_size=32, patch_size=4, num_classes=10, depth=2, seed=2)
+    dm = deploy(fq, r, batch_sizes=(4,))
+    x = torch.randn(4, *size, device="cuda")
+    with torch.no_grad():
+        a = dm(x).clone()
+        b = dm._core(x)
+        c = dm(torch.randn(3, *size, device="cuda")).clone()  # prepared on first use
+    assert rel_err(a, b) < 1e-3
+    assert c.shape == (3, 10)
+
+
+def test_cpu_model_input_is_rejected_cleanly():
+    from gpusq.deploy import deploy
+    from gpusq.errors import GpusqError
+
+    with pytest.raises(GpusqError):
+        deploy(torch.nn.Linear(4, 4))

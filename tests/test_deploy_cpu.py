@@ -1,0 +1,128 @@
+"""CPU tests of gpusq.deploy / gpusq bench: imports, clear errors without a GPU, INT4 packing, the
+weight codes handed to the kernels, and the bench's bookkeeping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpusq.deploy import layer_codes, pack_int4, unpack_int4
+from gpusq.errors import GpusqError
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+
+
+def test_pack_unpack_roundtrip_and_layout():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-8, 8, (7, 4, 10), generator=g, dtype=torch.int8)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, 4, 5)
+    assert torch.equal(unpack_int4(packed), codes)
+    # element 0 in the low nibble, element 1 in the high nibble, two's complement
+    p = pack_int4(torch.tensor([[-1, 3, 7, -8]], dtype=torch.int8))
+    assert p.tolist() == [[0x3F, 0x87]]
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError):
+        pack_int4(torch.tensor([[1, 2, 3]], dtype=torch.int8))
+    with pytest.raises(ValueError):
+        pack_int4(torch.tensor([[9, 0]], dtype=torch.int8))
+    with pytest.raises(TypeError):
+        pack_int4(torch.zeros(2, 2))
+    with pytest.raises(TypeError):
+        unpack_int4(torch.zeros(2, 2, dtype=torch.int8))
+
+
+def _layer(recipe: str):
+    import timm
+
+    from gpusq.layers import compressed_layers
+    from gpusq.quant import calibrate, quantize_
+    from gpusq.recipes import load_recipe
+    from gpusq.sparsity import sparsify_
+
+    torch.manual_seed(0)
+    m = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
+                          num_classes=10, depth=1)
+    r = load_recipe(recipe)
+    sparsify_(m, r.sparsity)
+    quantize_(m, r.quant)
+    x = torch.randn(4, 3, 32, 32)
+    calibrate(m, lambda mm: mm(x))
+    return compressed_layers(m)
+
+
+@pytest.mark.parametrize("recipe,lo,hi", [("int8", -127, 127), ("int4", -7, 7)])
+def test_layer_codes_reproduce_effective_weight(recipe, lo, hi):
+    for name, layer in _layer(recipe).items():
+        kind, codes, ws, s_in = layer_codes(layer)
+        assert kind == "int8"
+        assert torch.equal(codes, codes.round()) and codes.min() >= lo and codes.max() <= hi
+        w = layer.effective_weight().detach().reshape(codes.shape[0], -1)
+        torch.testing.assert_close(codes * ws[:, None], w, rtol=1e-6, atol=1e-7, msg=name)
+        assert (codes.reshape(codes.shape[0], -1, 4) != 0).sum(-1).max() <= 2  # still 2:4
+        assert s_in is not None and s_in.ndim == 0 and s_in > 0
+
+
+def test_layer_codes_fp8_exact():
+    for layer in _layer("fp8").values():
+        kind, codes, ws, _ = layer_codes(layer)
+        assert kind == "fp8"
+        assert torch.equal(codes.to(torch.float8_e4m3fn).float(), codes)
+        w = layer.effective_weight().detach().reshape(codes.shape[0], -1)
+        torch.testing.assert_close(codes * ws[:, None], w, rtol=1e-6, atol=1e-7)
+
+
+def test_layer_codes_rejects_unsupported_mix():
+    from gpusq.layers import CompressedLinear
+    from gpusq.quant import QuantSpec
+
+    lin = CompressedLinear(8, 8)
+    lin.set_quant_(QuantSpec("int8"), QuantSpec("int8"))  # int8 without 2:4: no kernel
+    with pytest.raises(GpusqError, match="no deployment kernel"):
+        layer_codes(lin)
+
+
+@no_cuda
+def test_deploy_without_gpu_raises_clear_error():
+    from gpusq.deploy import deploy
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(GpusqError, match="compute capability 8.0 or newer"):
+        deploy(model)
+
+
+@no_cuda
+def test_bench_cli_refuses_without_gpu(capsys):
+    from gpusq.cli import main
+
+    assert main(["bench", "--model", "deit_tiny_patch16_224", "--batch", "1"]) == 2
+    assert "needs an NVIDIA GPU" in capsys.readouterr().err
+
+
+def test_bench_bad_arguments():
+    from gpusq.bench import _parse_batches
+    from gpusq.cli import main
+
+    with pytest.raises(GpusqError):
+        _parse_batches("1,x")
+    with pytest.raises(GpusqError):
+        _parse_batches("0")
+    assert main(["bench", "--variants", "fp32,fp64"]) == 2
+
+
+def test_bench_ratios_table_and_kernel_classes():
+    from gpusq.bench import add_ratios, classify, format_table
+
+    rows = [{"model": "m", "variant": v, "batch": 8, "ms": ms, "img_s": 8e3 / ms}
+            for v, ms in (("fp32", 40.0), ("bf16", 10.0), ("bf16-compile", 8.0), ("fp8-dense", 6.0), ("gpusq", 4.0))]
+    add_ratios(rows)
+    g = rows[-1]
+    assert g["x_fp32"] == 10.0 and g["x_bf16c"] == 2.0 and g["x_fp8"] == 1.5
+    assert "gpusq" in format_table(rows)
+    assert classify("sm90_xmma_sparse_gemm_s8s8") == "gemm 2:4"
+    assert classify("triton_per_fused__to_copy_add_clamp_native_layer_norm_round_3") == "norm(+quant)"
+    assert classify("triton_poi_fused__to_copy_clamp_div_gelu_round_5") == "gelu(+quant)"
+    assert classify("pytorch_flash::flash_fwd_kernel") == "attention"
+    assert classify("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "gemm dense"
