@@ -30,7 +30,7 @@ for k in ("int8", "fp8", "bf16"):
 PY
       ;;
     tests)
-      timeout ${T_TESTS:-400} python3 -m pytest -m gpu tests/gpu -x -q -s -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | grep -E "CORRECTNESS|passed|failed|Error|error" | tee -a "$LOG"
+      timeout ${T_TESTS:-400} python3 -m pytest -m gpu tests/gpu ${PYTEST_X--x} -q -s -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | grep -E "CORRECTNESS|passed|failed|Error|error" | tee -a "$LOG"
       ;;
     deit_b)
       timeout ${T_DEITB:-500} gpusq bench --model deit_base_patch16_224 --recipe int8 --batch 1,256 --profile \
