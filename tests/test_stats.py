@@ -80,6 +80,7 @@ def test_tiny_model_by_hand(recipe, w, a, q, size, bitops_all):
     s = model_stats(Tiny(), recipe, input_size=(T, D))
     assert s["params_dense"] == PARAMS == 332
     assert s["params_nonzero"] == 332 - 64 - 64
+    assert s["params_compressed"] == 128 + 128
     assert s["size_bytes_fp32"] == 1328
     assert s["size_bytes_compressed"] == size
     assert s["size_ratio"] == pytest.approx(1328 / size)

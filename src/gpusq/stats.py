@@ -147,7 +147,7 @@ def model_stats(model: nn.Module, recipe: Recipe | str, input_size: tuple[int, .
 
     # Parameters: a compressed layer's own weight and bias; quantizer internals (e.g. a learnable
     # activation scale) are counted as scales below, not as model parameters.
-    params_dense = params_masked = 0
+    params_dense = params_masked = params_compressed = 0
     size_bits = 0
     for name, p in model.named_parameters():
         owner, _, leaf = name.rpartition(".")
@@ -162,6 +162,7 @@ def model_stats(model: nn.Module, recipe: Recipe | str, input_size: tuple[int, .
     for layer in layers.values():
         density, w_bits, _ = _layer_precision(layer, dense_bits)
         kept = layer.weight.numel() * density
+        params_compressed += layer.weight.numel()
         params_masked += layer.weight.numel() - int(kept)
         size_bits += kept * w_bits
         if layer.weight_mask is not None:
@@ -191,6 +192,7 @@ def model_stats(model: nn.Module, recipe: Recipe | str, input_size: tuple[int, .
         "dense_bits": dense_bits,
         "params_dense": params_dense,
         "params_nonzero": params_dense - params_masked,
+        "params_compressed": params_compressed,
         "size_bytes_fp32": 4 * params_dense,
         "size_bytes_compressed": size_compressed,
         "size_ratio": 4 * params_dense / size_compressed,
