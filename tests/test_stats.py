@@ -169,6 +169,24 @@ def test_cli_json_and_table(capsys):
     assert f"{two[1]['size_ratio']:.2f}" in lines[2]
 
 
+def test_model_without_compressible_layers(capsys):
+    """Nothing matches the include patterns: no linear ratio, everything counted as dense bf16."""
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    s = model_stats(Flat(), "int8", input_size=(8,))
+    assert s["layers_compressed"] == 0 and s["bitops_ratio_linear"] is None
+    assert s["size_bytes_compressed"] == 36 * 2 and s["size_ratio"] == 2.0
+    assert s["flops_dense"] == s["flops_other"] == 64 and s["bitops_ratio"] == 1024 / 256
+    assert s["layers_skipped"] == {"fc": "not matched by the recipe's include patterns"}
+
+
 def test_cli_unknown_model(capsys):
     assert main(["stats", "--model", "deit_tiny_patch16_22", "--recipe", "int8"]) == 2
     err = capsys.readouterr().err.strip()

@@ -199,7 +199,8 @@ def model_stats(model: nn.Module, recipe: Recipe | str, input_size: tuple[int, .
         "flops_dense": flops_dense,
         "flops_compressed": flops_compressed,
         "flops_other": flops_other,
-        "bitops_ratio_linear": flops_compressed * 1024 / bitops_layers if bitops_layers else 1.0,
+        # None when the recipe compresses nothing in this model (no layer to take a ratio over).
+        "bitops_ratio_linear": flops_compressed * 1024 / bitops_layers if bitops_layers else None,
         "bitops_ratio": flops_dense * 1024 / bitops_all if bitops_all else 1.0,
         "layers_compressed": len(layers),
         "layers_skipped": _skip_reasons(model, recipe, set(layers)),
@@ -257,7 +258,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 v = 100.0 * v / r["flops_dense"] if r["flops_dense"] else 0.0
             elif key in scale:
                 v = v * scale[key]
-            line.append(fmt.format(v))
+            line.append("-" if v is None else fmt.format(v))
         cells.append(line)
     heads = [h for h, _, _ in COLUMNS]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
