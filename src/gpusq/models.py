@@ -67,7 +67,8 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise GpusqError(f"checkpoint {p} could not be read with weights_only=True ({str(e).splitlines()[0]})") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GpusqError(f"checkpoint {p} could not be read with weights_only=True ({first})") from None
     for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -20,7 +20,13 @@ import torch
 import yaml
 from torch import nn
 
-from gpusq.checkpoint import atomic_write, atomic_write_text, build_compressed, read_compressed_dir, save_compressed
+from gpusq.checkpoint import (
+    atomic_write,
+    atomic_write_text,
+    build_compressed,
+    read_compressed_dir,
+    save_compressed,
+)
 from gpusq.data import Batches, DataInfo, build_dataset, cache_in_memory, prepare_batch
 from gpusq.distill import DistillationLoss, feature_layers, layer_weights_from_distortion, measure_distortion
 from gpusq.errors import GpusqError

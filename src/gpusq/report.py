@@ -38,7 +38,7 @@ def plot_history(report: dict[str, Any], path: Path) -> bool:
 
 def write_report_md(out: Path, report: dict[str, Any]) -> None:
     plot_history(report, out / "training.png")
-    t, m, s = report["teacher_metrics"], report["metrics"], report["stats"]
+    t, s = report["teacher_metrics"], report["stats"]
     rows = [("dense teacher", t)]
     for key, label in (("stage1_metrics", "after stage 1 (2:4 + KD)"),
                        ("calibrated_metrics", "after calibration (PTQ)"), ("metrics", "final")):
@@ -55,7 +55,7 @@ def write_report_md(out: Path, report: dict[str, Any]) -> None:
         "",
         f"Size: {s['size_bytes_fp32'] / 1e6:.2f} MB (FP32) → {s['size_bytes_compressed'] / 1e6:.2f} MB "
         f"(**{s['size_ratio']:.2f}×** smaller). Bit-ops: **{s['bitops_ratio']:.1f}×** fewer over all matrix "
-        f"products, {s['bitops_ratio_linear']:.1f}× over the compressed layers "
+        f"products, {s['bitops_ratio_linear'] or 0:.1f}× over the compressed layers "
         f"({s['layers_compressed']} layers).",
         "",
         "![training curve](training.png)",
@@ -64,5 +64,6 @@ def write_report_md(out: Path, report: dict[str, Any]) -> None:
     if report.get("layer_weights"):
         lines += ["Layer-importance weights for stage 2 (from stage-1 feature distortion):", "",
                   "| layer | distortion | weight |", "|---|---|---|"]
-        lines += [f"| {k} | {report['layer_distortion'][k]:.4g} | {v:.3f} |" for k, v in report["layer_weights"].items()]
+        dist = report["layer_distortion"]
+        lines += [f"| {k} | {dist[k]:.4g} | {v:.3f} |" for k, v in report["layer_weights"].items()]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 # A Linear inside a transformer block, plus the patch embedding's projection.
-DEFAULT_INCLUDE = (r"(^|\.)blocks\.\d+\.", r"(^|\.)patch_embed\.proj$")
+DEFAULT_INCLUDE = (r"(^|\.)blocks\.\d+(\.|$)", r"(^|\.)patch_embed\.proj$")
 # Classifier heads and everything a user names stay dense.
 DEFAULT_EXCLUDE = (r"(^|\.)head(\.|$)", r"(^|\.)fc_norm$", r"(^|\.)classifier(\.|$)")
 
