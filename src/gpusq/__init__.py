@@ -6,7 +6,7 @@ Lifecycle: ``sparsify_`` → sparse KD fine-tune → ``quantize_`` + ``calibrate
 
 __version__ = "0.1.0"
 
-from gpusq.distill import DistillConfig, DistillationLoss  # noqa: E402
+from gpusq.distill import DistillationLoss, DistillConfig  # noqa: E402
 from gpusq.quant import QuantConfig, QuantSpec, calibrate, quantize_  # noqa: E402
 from gpusq.recipes import Recipe, list_recipes, load_recipe  # noqa: E402
 from gpusq.sparsity import SparsityConfig, check_2to4, sparsify_  # noqa: E402
