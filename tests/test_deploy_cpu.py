@@ -126,3 +126,35 @@ def test_bench_ratios_table_and_kernel_classes():
     assert classify("triton_poi_fused__to_copy_clamp_div_gelu_round_5") == "gelu(+quant)"
     assert classify("pytorch_flash::flash_fwd_kernel") == "attention"
     assert classify("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "gemm dense"
+
+
+def test_compile_regions_pick_blocks_and_patch_embed():
+    import timm
+
+    from gpusq.deploy.fused import compile_regions
+
+    m = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=2)
+    assert compile_regions(m, "blocks") == ["patch_embed", "blocks.0", "blocks.1"]
+    s = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=112, depths=(2, 2),
+                          num_heads=(3, 6))
+    names = compile_regions(s, "blocks")
+    assert "layers.1.downsample" in names and "layers.0.blocks.1" in names
+    assert compile_regions(m, "none") == []
+    with pytest.raises(ValueError):
+        compile_regions(m, "everything")
+
+
+def test_quantize_helpers_match_fake_quant_semantics():
+    """clamp(round(x/s)) with round half to even, saturation, zero padding of rows and columns."""
+    from gpusq.deploy.fused import quantize_fp8, quantize_int8
+    from gpusq.quant import fake_quantize
+
+    s = torch.tensor(0.5)
+    x = torch.tensor([[0.25, 0.75, -0.25, 1.25], [100.0, -100.0, 3.0, -0.74]])
+    q = quantize_int8(x, 1.0 / s, 3, 8)
+    assert q.dtype == torch.int8 and q.shape == (3, 8)
+    assert q[:2, :4].tolist() == [[0, 2, 0, 2], [127, -128, 6, -1]]  # 0.5->0, 1.5->2, 2.5->2
+    assert q[2].abs().sum() == 0 and q[:, 4:].abs().sum() == 0
+    torch.testing.assert_close(q[:2, :4].float() * s, fake_quantize(x, s, "int8", weight=False))
+    f = quantize_fp8(x, 1.0 / s, 2, 4)
+    torch.testing.assert_close(f.float() * s, fake_quantize(x, s, "fp8_e4m3", weight=False))

@@ -120,9 +120,11 @@ def shape_key(kind: str, n: int, k: int, m: int, out_dtype: torch.dtype, epilogu
 # ------------------------------------------------------------------------------------------------
 def cslt_mm(w_c: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, alpha: torch.Tensor | None,
             alg_id: int, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """``x @ W.T`` ([M, K] row-major in, [M, N] out) on the compressed 2:4 weight ``w_c``."""
-    return torch._cslt_sparse_mm(w_c, x.t(), bias, alpha, out_dtype=out_dtype, transpose_result=True,
-                                 alg_id=alg_id)
+    """``x @ W.T`` ([M, K] row-major in, [M, N] out) on the compressed 2:4 weight ``w_c``.
+
+    ``out_dtype`` applies to 8-bit inputs only (16-bit inputs give their own dtype)."""
+    od = out_dtype if x.dtype in (torch.int8, torch.float8_e4m3fn) else None
+    return torch._cslt_sparse_mm(w_c, x.t(), bias, alpha, out_dtype=od, transpose_result=True, alg_id=alg_id)
 
 
 def _apply_epilogue(y: torch.Tensor, alpha: torch.Tensor | None, bias: torch.Tensor | None, mode: str,

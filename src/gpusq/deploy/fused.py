@@ -8,7 +8,11 @@ writes int8, ``GELU -> quantize`` one pointwise kernel, and the head-merge trans
 attention one copy kernel that writes int8. Only int8 (or fp8) crosses memory into each GEMM.
 The semantics are those of ``gpusq.quant.fake_quantize`` on activations:
 ``clamp(round(x / scale), -128, 127)`` computed in float32 (``torch.round`` rounds half to even),
-and ``clamp(x / scale, -448, 448)`` cast to E4M3 for FP8.
+and ``clamp(x / scale, -448, 448)`` cast to E4M3 for FP8, except that ``x / scale`` is computed as
+``x * (1 / scale)``: an IEEE float32 division costs ~20 instructions per element and made the
+fused GELU+quantize kernel compute-bound on the H100 (0.30 ms vs 0.24 ms for the plain bf16 GELU
+on DeiT-B batch 256). The two differ by at most one float32 ulp before rounding, which changes a
+code only when ``x / scale`` lies within an ulp of a half-integer.
 """
 
 from __future__ import annotations
@@ -34,15 +38,15 @@ def pad_rows_cols(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return F.pad(x, (0, cols - k, 0, rows - m))
 
 
-def quantize_int8(x: torch.Tensor, scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+def quantize_int8(x: torch.Tensor, inv_scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """[M, K] float -> [rows, cols] int8 codes of ``clamp(round(x/scale), -128, 127)``, zero-padded."""
-    q = torch.clamp(torch.round(x.float() / scale), -128.0, 127.0)
+    q = torch.clamp(torch.round(x.float() * inv_scale), -128.0, 127.0)
     return pad_rows_cols(q, rows, cols).to(torch.int8)
 
 
-def quantize_fp8(x: torch.Tensor, scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+def quantize_fp8(x: torch.Tensor, inv_scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """[M, K] float -> [rows, cols] E4M3 of ``clamp(x/scale, -448, 448)``, zero-padded."""
-    q = torch.clamp(x.float() / scale, -FP8_MAX, FP8_MAX)
+    q = torch.clamp(x.float() * inv_scale, -FP8_MAX, FP8_MAX)
     return pad_rows_cols(q, rows, cols).to(torch.float8_e4m3fn)
 
 

@@ -74,6 +74,7 @@ class DeployedLinear(nn.Module):
             ws = alpha = None
         self.register_buffer("input_scale", None if input_scale is None
                              else input_scale.detach().float().to(device).reshape(()))
+        self.register_buffer("inv_scale", None if input_scale is None else 1.0 / self.input_scale)
         # sparse path: compressed weight + what cuSPARSELt's epilogue takes (the rest goes after)
         self.register_buffer("w_c", None)
         self.register_buffer("ep_alpha", None)
@@ -130,9 +131,9 @@ class DeployedLinear(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def _quantize(self, x2: torch.Tensor, mp: int) -> torch.Tensor:
         if self.kind == "int8":
-            return quantize_int8(x2, self.input_scale, mp, self.kp)
+            return quantize_int8(x2, self.inv_scale, mp, self.kp)
         if self.kind == "fp8":
-            return quantize_fp8(x2, self.input_scale, mp, self.kp)
+            return quantize_fp8(x2, self.inv_scale, mp, self.kp)
         return pad_rows_cols(x2.to(torch.bfloat16), mp, self.kp)
 
     def _dense(self, q: torch.Tensor, mp: int) -> torch.Tensor:
