@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpusq_out}; mkdir -p "$OUT"
 export GPUSQ_CACHE_DIR=/tmp/gpusq_cache; mkdir -p "$GPUSQ_CACHE_DIR"
 [ -f .carry/cslt_algs.json ] && cp .carry/cslt_algs.json "$GPUSQ_CACHE_DIR/"
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.txt" 2>&1 || { cat "$OUT/pip.txt"; exit 1; }
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.txt 2>&1 || { cat /tmp/pip.txt; exit 1; }
 LOG="$OUT/log.txt"
 summary() { cp -f "$GPUSQ_CACHE_DIR/cslt_algs.json" "$OUT/" 2>/dev/null; }
 trap summary EXIT
@@ -33,16 +33,20 @@ PY
       timeout ${T_TESTS:-400} python3 -m pytest -m gpu tests/gpu ${PYTEST_X--x} -q -s -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | grep -E "CORRECTNESS|passed|failed|Error|error" | tee -a "$LOG"
       ;;
     deit_b)
-      timeout ${T_DEITB:-500} gpusq bench --model deit_base_patch16_224 --recipe int8 --batch 1,256 --profile \
+      timeout ${T_DEITB:-500} gpusq bench --model deit_base_patch16_224 --recipe int8 --batch 1,256 --profile --plot "$OUT/bench_deit_b.png" \
         --json "$OUT/bench_deit_b.json" 2>&1 | tee -a "$LOG"
       ;;
     small)
-      timeout 540 gpusq bench --model deit_tiny_patch16_224,deit_small_patch16_224,swin_tiny_patch4_window7_224 \
+      timeout ${T_SMALL:-540} gpusq bench --model deit_tiny_patch16_224,deit_small_patch16_224,swin_tiny_patch4_window7_224 \
         --recipe int8 --batch 1,256 --profile --json "$OUT/bench_small.json" 2>&1 | tee -a "$LOG"
       ;;
+    deit_b_model)
+      timeout ${T_MODEL:-400} gpusq bench --model deit_base_patch16_224 --recipe int8 --batch 1,256 --compile-scope model \
+        --variants bf16-compile,fp8-dense,gpusq --json "$OUT/bench_deit_b_model.json" 2>&1 | tee -a "$LOG"
+      ;;
     fp8)
-      timeout 300 gpusq bench --model deit_base_patch16_224 --recipe fp8 --batch 1,256 \
-        --variants bf16-compile,fp8-dense,gpusq --json "$OUT/bench_deit_b_fp8.json" 2>&1 | tee -a "$LOG"
+      timeout ${T_FP8:-300} gpusq bench --model deit_base_patch16_224 --recipe fp8 --batch 1,256 \
+        --variants bf16-compile,fp8-dense,gpusq --profile --json "$OUT/bench_deit_b_fp8.json" 2>&1 | tee -a "$LOG"
       ;;
     *) echo "unknown stage $stage" | tee -a "$LOG" ;;
   esac
