@@ -119,7 +119,8 @@ def main() -> None:
     for v, mean, vals, t5 in rows:
         lines.append(f"| {v} | {mean:.2f} | {mean - teacher_top1:+.2f} | {', '.join(f'{x:.2f}' for x in vals)} "
                      f"| {t5:.2f} |")
-    lines.append(f"\nseeds {seeds}; total {time.time() - t0:.0f}s on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    lines.append(f"\nseeds {seeds}; total {time.time() - t0:.0f}s on {dev}")
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
     print(table)

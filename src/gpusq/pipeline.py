@@ -49,6 +49,9 @@ class DataOptions:
     seed: int = 0
 
 
+_DECODED: dict = {}  # the last small dataset decoded into memory (reused by later runs in the process)
+
+
 @dataclass
 class Loaders:
     train: Batches
@@ -59,13 +62,19 @@ class Loaders:
 
 def build_loaders(opts: DataOptions, size: tuple[int, int, int], batch_size: int, device: torch.device,
                   rank: int = 0, world: int = 1) -> Loaders:
-    train_ds, info = build_dataset(opts.data, "train", size, opts.skip_bad_images)
-    val_ds, _ = build_dataset(opts.data, "val", size, opts.skip_bad_images)
-    cache = opts.cache
-    if cache is None:  # small sets (< ~200 MB decoded) are decoded once
-        cache = len(train_ds) * size[0] * size[1] * size[2] < 200e6
-    if cache:
-        train_ds, val_ds = cache_in_memory(train_ds), cache_in_memory(val_ds)
+    key = (opts.data, tuple(size), opts.skip_bad_images)
+    if opts.cache is not False and key in _DECODED:
+        train_ds, val_ds, info = _DECODED[key]
+    else:
+        train_ds, info = build_dataset(opts.data, "train", size, opts.skip_bad_images)
+        val_ds, _ = build_dataset(opts.data, "val", size, opts.skip_bad_images)
+        cache = opts.cache
+        if cache is None:  # small sets (< ~200 MB decoded) are decoded once per process
+            cache = len(train_ds) * size[0] * size[1] * size[2] < 200e6
+        if cache:
+            train_ds, val_ds = cache_in_memory(train_ds), cache_in_memory(val_ds)
+            _DECODED.clear()
+            _DECODED[key] = (train_ds, val_ds, info)
     pin = device.type == "cuda"
     train = Batches(train_ds, batch_size, shuffle=True, seed=opts.seed, workers=opts.workers, pin=pin,
                     drop_last=True, rank=rank, world=world)
@@ -202,6 +211,7 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
 
     # stage 1: 2:4 prune + KD fine-tune from the dense teacher (features unweighted)
     student = copy.deepcopy(teacher).train()
+    student.requires_grad_(True)  # the teacher may have been frozen by an earlier stage
     stage1_dir = out / "stage1"
     if stage1_from is None and resume and (stage1_dir / "stage1.json").is_file():
         stage1_from = stage1_dir  # stage 1 finished before the interruption
@@ -238,7 +248,7 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
     # stage 2: sparse-aware QAT, KD from the stage-1 sparse model, features weighted per layer
     hist2: list = []
     if recipe.quantized:
-        teacher2 = copy.deepcopy(student).eval()
+        teacher2 = copy.deepcopy(student).eval().requires_grad_(False)
         quantize_(student, recipe.quant)
         calib = sample_batches(loaders.train, recipe.train.calib_batches, device)
 

@@ -280,6 +280,11 @@ def train_stage(
                 if eval_fn is not None and (step % steps_per_epoch == 0 or step >= total):
                     rec.update({f"val_{k}": v for k, v in eval_fn(student).items() if k in ("top1", "top5")})
                 result.history.append(rec)
+                if not progress:  # one line per epoch for logs (no progress bar)
+                    val = f" val top-1 {rec['val_top1']:.2f}" if "val_top1" in rec else ""
+                    print(f"{name} epoch {epoch + 1}/{math.ceil(total / steps_per_epoch)}: loss "
+                          f"{rec['train_loss']:.4f} train top-1 {rec['train_top1']:.2f}{val} "
+                          f"({seen / max(time.time() - t0, 1e-9):.0f} img/s)", flush=True)
             save(step)
     finally:
         bar.close()
