@@ -7,6 +7,9 @@ logits' relative error ``||ort - torch|| / ||torch||``.
 
     python benchmarks/export_parity.py                       # deit_tiny + swin_tiny, int8 + int4
     python benchmarks/export_parity.py --data /work/shared/data/cifar10-jpeg-20k.zip --samples 128
+    # a trained dense model (gpusq train output): 2:4 + quantize + calibrate on its training data
+    # (no fine-tuning), then parity and accuracy on its test split
+    python benchmarks/export_parity.py --teacher runs/mnist-teacher --data mnist5k --samples 1000
 """
 
 from __future__ import annotations
@@ -29,15 +32,35 @@ from gpusq.sparsity import sparsify_
 MODELS = ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"]
 
 
+def calib_images(args, size) -> list[torch.Tensor]:
+    """Random images, or the first training images of ``--data`` when a trained teacher is used."""
+    if args.teacher is None:
+        g = torch.Generator().manual_seed(args.seed + 1)
+        return [torch.randn(args.calib_batch, *size, generator=g) for _ in range(args.calib_batches)]
+    from gpusq.data import Batches, build_dataset, prepare_batch
+
+    ds, _ = build_dataset(args.data, "train", size)
+    out = []
+    for x, _, _ in Batches(ds, args.calib_batch, shuffle=True, seed=args.seed, workers=0):
+        out.append(prepare_batch(x, torch.device("cpu"), train=False, flip=False))
+        if len(out) == args.calib_batches:
+            break
+    return out
+
+
 def run_one(name: str, recipe: str, args, tmp: Path) -> dict:
     torch.manual_seed(args.seed)
-    model = create_model(name, num_classes=args.num_classes).eval()
+    if args.teacher is None:
+        model = create_model(name, num_classes=args.num_classes).eval()
+    else:
+        from gpusq.pipeline import load_any
+
+        model = load_any(args.teacher).eval()
     size = model_input_size(model)
     r = load_recipe(recipe)
     sparsify_(model, r.sparsity)
     quantize_(model, r.quant)
-    g = torch.Generator().manual_seed(args.seed + 1)
-    calib = [torch.randn(args.calib_batch, *size, generator=g) for _ in range(args.calib_batches)]
+    calib = calib_images(args, size)
 
     def loop(m):
         for x in calib:
@@ -73,7 +96,11 @@ def main() -> None:
     ap.add_argument("--calib-batches", type=int, default=2)
     ap.add_argument("--calib-batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher", default=None, help="a trained dense model (gpusq train output) instead of "
+                    "random-weight --models; calibrated on --data's training split")
     args = ap.parse_args()
+    if args.teacher is not None:
+        args.models = [f"teacher:{Path(args.teacher).name}"]
     print(f"torch {torch.__version__}  onnx {onnx.__version__}  "
           f"onnxruntime {__import__('onnxruntime').__version__}  data={args.data}  samples={args.samples}")
     rows = []
@@ -85,15 +112,17 @@ def main() -> None:
                 print(f"  done {name} {recipe}: agree {r['top1_agree']:.4f} rel {r['rel_err']:.2e} "
                       f"(floor {r['floor_top1_agree']:.4f} / {r['floor_rel_err']:.2e})", flush=True)
     print()
+    acc = "torch_top1" in rows[0]
     print("| model | recipe | opset | layers | Q | DQ | 2:4 weights | MB | images "
           "| ORT vs torch: top-1 agree | rel. error | max abs | floor (torch fused vs math SDPA): top-1 agree "
-          "| rel. error |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| rel. error |" + (" top-1 acc torch / ORT |" if acc else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if acc else ""))
     for r in rows:
         print(f"| {r['model']} | {r['recipe']} | {r['opset']} | {r['layers']} | {r['Q']} | {r['DQ']} | "
               f"{'yes' if r['two_four'] else 'NO'} | {r['mb']:.1f} | {r['n']} | {100 * r['top1_agree']:.2f}% "
               f"| {r['rel_err']:.2e} | {r['max_abs_err']:.2e} | {100 * r['floor_top1_agree']:.2f}% "
-              f"| {r['floor_rel_err']:.2e} |")
+              f"| {r['floor_rel_err']:.2e} |"
+              + (f" {100 * r['torch_top1']:.2f}% / {100 * r['ort_top1']:.2f}% |" if acc else ""))
 
 
 if __name__ == "__main__":

@@ -491,11 +491,16 @@ def compare(model: nn.Module, session, batches, floor: bool = False) -> dict[str
     n = agree = 0
     num = den = fnum = 0.0
     max_abs = 0.0
-    fagree = 0
-    for x in batches:
+    fagree = correct_ref = correct_ort = 0
+    labelled = False
+    for x, y in batches:
         x = x.float().cpu()
         ref = model(x.to(dev)).float().cpu()
         got = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        if y is not None:
+            labelled = True
+            correct_ref += int((ref.argmax(1) == y).sum())
+            correct_ort += int((got.argmax(1) == y).sum())
         agree += int((ref.argmax(1) == got.argmax(1)).sum())
         n += x.shape[0]
         num += float((got - ref).double().pow(2).sum())
@@ -509,6 +514,8 @@ def compare(model: nn.Module, session, batches, floor: bool = False) -> dict[str
     model.train(was_training)
     out = {"n": n, "top1_agree": agree / max(n, 1), "rel_err": (num / max(den, 1e-30)) ** 0.5,
            "max_abs_err": max_abs}
+    if labelled:
+        out.update(torch_top1=correct_ref / max(n, 1), ort_top1=correct_ort / max(n, 1))
     if floor:
         out.update(floor_top1_agree=fagree / max(n, 1), floor_rel_err=(fnum / max(den, 1e-30)) ** 0.5)
     return out
@@ -519,19 +526,19 @@ def random_batches(size: tuple[int, ...], n: int, batch_size: int, seed: int = 0
     left = n
     while left > 0:
         b = min(batch_size, left)
-        yield torch.randn(b, *size, generator=g)
+        yield torch.randn(b, *size, generator=g), None
         left -= b
 
 
 def data_batches(data: str, size: tuple[int, int, int], n: int, batch_size: int):
-    """Normalized eval images from ``data`` ('mnist5k', an ImageFolder dir or .zip), at most ``n``."""
+    """(normalized images, labels) from ``data`` ('mnist5k', an ImageFolder dir or .zip), at most ``n``."""
     from gpusq.data import Batches, build_dataset, prepare_batch
 
     ds, _ = build_dataset(data, "val", size)
     if len(ds) > n:
         ds = torch.utils.data.Subset(ds, list(range(0, len(ds), max(1, len(ds) // n)))[:n])
-    for x, _, _ in Batches(ds, batch_size, shuffle=False, workers=0):
-        yield prepare_batch(x, torch.device("cpu"), train=False, flip=False)
+    for x, y, _ in Batches(ds, batch_size, shuffle=False, workers=0):
+        yield prepare_batch(x, torch.device("cpu"), train=False, flip=False), y
 
 
 def verify(model: nn.Module, onnx_path: str | Path, data: str = "random", n: int = 256,
@@ -580,6 +587,9 @@ def cli_main(argv: list[str], prog: str = "gpusq export", command: str = "export
         print(f"onnxruntime vs PyTorch on {args.verify} ({r['n']} images): top-1 agreement "
               f"{100 * r['top1_agree']:.2f}%  logits rel. error {r['rel_err']:.2e}  "
               f"max abs {r['max_abs_err']:.2e}")
+        if "torch_top1" in r:
+            print(f"accuracy on the labels: PyTorch {100 * r['torch_top1']:.2f}%  "
+                  f"onnxruntime {100 * r['ort_top1']:.2f}%")
         print(f"noise floor, PyTorch fused vs math SDPA: top-1 agreement {100 * r['floor_top1_agree']:.2f}%  "
               f"logits rel. error {r['floor_rel_err']:.2e}")
     sys.stdout.flush()
