@@ -110,18 +110,20 @@ def main() -> None:
                 rows.append(run_one(name, recipe, args, Path(d)))
                 r = rows[-1]
                 print(f"  done {name} {recipe}: agree {r['top1_agree']:.4f} rel {r['rel_err']:.2e} "
-                      f"(floor {r['floor_top1_agree']:.4f} / {r['floor_rel_err']:.2e})", flush=True)
+                      f"(floor sdpa {r['floor_top1_agree']:.4f} / {r['floor_rel_err']:.2e}, "
+                      f"noise {r['noise_top1_agree']:.4f} / {r['noise_rel_err']:.2e})", flush=True)
     print()
     acc = "torch_top1" in rows[0]
     print("| model | recipe | opset | layers | Q | DQ | 2:4 weights | MB | images "
-          "| ORT vs torch: top-1 agree | rel. error | max abs | floor (torch fused vs math SDPA): top-1 agree "
-          "| rel. error |" + (" top-1 acc torch / ORT |" if acc else ""))
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if acc else ""))
+          "| ORT vs torch: top-1 agree | rel. error | max abs | torch fused vs math SDPA: top-1 agree "
+          "| rel. error | torch vs torch on input·(1+1e-6 noise): top-1 agree | rel. error |"
+          + (" top-1 acc torch / ORT |" if acc else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if acc else ""))
     for r in rows:
         print(f"| {r['model']} | {r['recipe']} | {r['opset']} | {r['layers']} | {r['Q']} | {r['DQ']} | "
               f"{'yes' if r['two_four'] else 'NO'} | {r['mb']:.1f} | {r['n']} | {100 * r['top1_agree']:.2f}% "
               f"| {r['rel_err']:.2e} | {r['max_abs_err']:.2e} | {100 * r['floor_top1_agree']:.2f}% "
-              f"| {r['floor_rel_err']:.2e} |"
+              f"| {r['floor_rel_err']:.2e} | {100 * r['noise_top1_agree']:.2f}% | {r['noise_rel_err']:.2e} |"
               + (f" {100 * r['torch_top1']:.2f}% / {100 * r['ort_top1']:.2f}% |" if acc else ""))
 
 

@@ -476,11 +476,11 @@ def ort_session(path: str | Path, optimize: bool = True):
 def compare(model: nn.Module, session, batches, floor: bool = False) -> dict[str, float]:
     """Top-1 agreement and logits relative error (||ort - torch|| / ||torch||) over ``batches``.
 
-    ``floor``: also compare PyTorch with itself, fused SDPA vs the math SDPA kernel (two valid
-    float orderings of the same attention, as ORT's decomposed attention is a third). In a
-    quantized net a float-rounding difference flips an activation code at a rounding boundary now
-    and then, and the flips propagate; this is the disagreement expected of *any* faithful runtime
-    (``floor_top1_agree``, ``floor_rel_err``).
+    ``floor``: also compare PyTorch with itself, two ways. ``floor_*``: fused SDPA vs the math
+    SDPA kernel (two valid float orderings of the same attention; ORT's decomposed attention is a
+    third). ``noise_*``: the input times ``1 + 1e-6 N(0, 1)`` (a few float32 ulps). In a quantized
+    net such float-rounding differences flip an activation code at a rounding boundary now and
+    then, and the flips propagate: this is the disagreement to expect of *any* faithful runtime.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -491,7 +491,9 @@ def compare(model: nn.Module, session, batches, floor: bool = False) -> dict[str
     n = agree = 0
     num = den = fnum = 0.0
     max_abs = 0.0
-    fagree = correct_ref = correct_ort = 0
+    fagree = correct_ref = correct_ort = nagree = 0
+    nnum = 0.0
+    g = torch.Generator().manual_seed(1234)
     labelled = False
     for x, y in batches:
         x = x.float().cpu()
@@ -511,13 +513,18 @@ def compare(model: nn.Module, session, batches, floor: bool = False) -> dict[str
                 alt = model(x.to(dev)).float().cpu()
             fagree += int((ref.argmax(1) == alt.argmax(1)).sum())
             fnum += float((alt - ref).double().pow(2).sum())
+            xn = x * (1 + 1e-6 * torch.randn(x.shape, generator=g))
+            alt = model(xn.to(dev)).float().cpu()
+            nagree += int((ref.argmax(1) == alt.argmax(1)).sum())
+            nnum += float((alt - ref).double().pow(2).sum())
     model.train(was_training)
     out = {"n": n, "top1_agree": agree / max(n, 1), "rel_err": (num / max(den, 1e-30)) ** 0.5,
            "max_abs_err": max_abs}
     if labelled:
         out.update(torch_top1=correct_ref / max(n, 1), ort_top1=correct_ort / max(n, 1))
     if floor:
-        out.update(floor_top1_agree=fagree / max(n, 1), floor_rel_err=(fnum / max(den, 1e-30)) ** 0.5)
+        out.update(floor_top1_agree=fagree / max(n, 1), floor_rel_err=(fnum / max(den, 1e-30)) ** 0.5,
+                   noise_top1_agree=nagree / max(n, 1), noise_rel_err=(nnum / max(den, 1e-30)) ** 0.5)
     return out
 
 
@@ -590,7 +597,8 @@ def cli_main(argv: list[str], prog: str = "gpusq export", command: str = "export
         if "torch_top1" in r:
             print(f"accuracy on the labels: PyTorch {100 * r['torch_top1']:.2f}%  "
                   f"onnxruntime {100 * r['ort_top1']:.2f}%")
-        print(f"noise floor, PyTorch fused vs math SDPA: top-1 agreement {100 * r['floor_top1_agree']:.2f}%  "
-              f"logits rel. error {r['floor_rel_err']:.2e}")
+        print(f"noise floor, PyTorch vs itself: fused vs math SDPA: top-1 agreement "
+              f"{100 * r['floor_top1_agree']:.2f}%, rel. error {r['floor_rel_err']:.2e};  input x (1 + 1e-6 noise): "
+              f"top-1 agreement {100 * r['noise_top1_agree']:.2f}%, rel. error {r['noise_rel_err']:.2e}")
     sys.stdout.flush()
     return 0
