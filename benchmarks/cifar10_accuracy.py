@@ -58,6 +58,7 @@ def run_seed(args, seed: int) -> dict:
         recipe = load_recipe(recipe_name, _merge(common, over))
         t = time.time()
         rep = compress(teacher, recipe, data, out / v, model_name=name, model_kwargs=kw, progress=False,
+                       compile=args.compile,
                        stage1_from=(out / reuse / "stage1") if reuse and (out / reuse / "stage1").is_dir() else None)
         res[v] = {"top1": rep["metrics"]["top1"], "top5": rep["metrics"]["top5"],
                   "stage1_top1": rep["stage1_metrics"]["top1"], "seconds": time.time() - t}
@@ -81,6 +82,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--only", default="", help="comma-separated subset of variants")
+    ap.add_argument("--compile", action="store_true", help="torch.compile training (much faster on GPU)")
+    ap.add_argument("--teacher-only", action="store_true", help="stop after training the teacher")
     ap.add_argument("--worker-seed", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model-arg", default="", help="extra timm kwargs for a smaller/larger teacher")
     args = ap.parse_args()
@@ -98,9 +101,11 @@ def main() -> None:
     if not (out / "teacher" / "model.safetensors").is_file():
         rep = train_dense(MODEL, kw, DataOptions(args.data, workers=args.workers, seed=0), out / "teacher",
                           epochs=args.teacher_epochs, lr=args.teacher_lr, batch_size=args.batch_size,
-                          warmup_epochs=5, label_smoothing=0.1, progress=False)
+                          warmup_epochs=5, label_smoothing=0.1, progress=False, compile=args.compile)
         print(f"teacher: top-1 {rep['metrics']['top1']:.2f} in {rep['train_seconds']:.0f}s "
               f"({rep['train_images_per_s']:.0f} img/s)", flush=True)
+    if args.teacher_only:
+        return
     teacher_top1 = json.loads((out / "teacher" / "report.json").read_text())["metrics"]["top1"]
     seeds = [int(s) for s in args.seeds.split(",")]
     argv = [a for a in sys.argv[1:]]

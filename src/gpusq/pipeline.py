@@ -157,7 +157,7 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
                 epochs: float = 10, lr: float = 1e-3, batch_size: int = 128, warmup_epochs: float = 1.0,
                 weight_decay: float = 0.05, label_smoothing: float = 0.1, init: str | None = None,
                 resume: bool = False, device: torch.device | None = None, progress: bool = True,
-                net: nn.Module | None = None) -> dict:
+                net: nn.Module | None = None, compile: bool = False) -> dict:
     """Train (or fine-tune from ``init``) a dense model; writes ``out/model.safetensors`` + report."""
     out = Path(out)
     _prepare_out(out, resume)
@@ -171,7 +171,7 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
                       warmup_epochs=warmup_epochs, batch_size=batch_size, label_smoothing=label_smoothing)
     res = train_stage("train", net, loaders.train, cfg, device, flip=loaders.info.flip,
                       ckpt_path=out / "checkpoints" / "train.safetensors", resume=resume, seed=data.seed,
-                      progress=progress)
+                      progress=progress, compile=compile)
     metrics = evaluate(net, loaders.val, device, progress=progress)
     _write_dense(net, out, model, model_kwargs)
     report = {"kind": "dense", "model": model, "model_kwargs": model_kwargs, "data": data.data,
@@ -186,7 +186,7 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
 def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | Path, *,
              model_name: str | None = None, model_kwargs: dict | None = None, resume: bool = False,
              device: torch.device | None = None, progress: bool = True, ckpt_every: int = 0,
-             stage1_from: str | Path | None = None) -> dict:
+             stage1_from: str | Path | None = None, compile: bool = False) -> dict:
     """Run GPUSQ on a trained dense ``teacher``; write the compressed model and reports to ``out``.
 
     ``stage1_from``: reuse the stage-1 result of an earlier run (its ``out/stage1`` directory) and
@@ -233,7 +233,8 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
         loss1 = DistillationLoss(_no_weighting(recipe))
         r1 = train_stage("stage1", student, loaders.train, cfg1, device, flip=loaders.info.flip, teacher=teacher,
                          loss_fn=loss1, feature_names=feats, ckpt_path=ck / "stage1.safetensors",
-                         ckpt_every=ckpt_every, resume=resume, seed=data.seed, eval_fn=ev, progress=progress)
+                         ckpt_every=ckpt_every, resume=resume, seed=data.seed, eval_fn=ev, progress=progress,
+                         compile=compile)
         hist1 = r1.history
         imp = sample_batches(loaders.train, recipe.train.importance_batches, device)
         names = feature_layers(teacher, recipe.distill.features)
@@ -263,7 +264,7 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
         r2 = train_stage("stage2", student, loaders.train, cfg2, device, flip=loaders.info.flip,
                          teacher=teacher2, loss_fn=loss2, feature_names=feats,
                          ckpt_path=ck / "stage2.safetensors", ckpt_every=ckpt_every, resume=resume,
-                         seed=data.seed + 1, eval_fn=ev, progress=progress)
+                         seed=data.seed + 1, eval_fn=ev, progress=progress, compile=compile)
         hist2 = r2.history
     report["metrics"] = ev(student)
     report["history"] = {"stage1": hist1, "stage2": hist2}
@@ -361,13 +362,15 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.add_argument("--label-smoothing", type=float, default=0.1)
         ap.add_argument("--out", required=True)
         ap.add_argument("--resume", action="store_true")
+        ap.add_argument("--compile", action="store_true", help="torch.compile the model for training")
         ap.add_argument("--json", action="store_true")
         a = ap.parse_args(argv)
         d = _data_opts(a)
         rep = train_dense(a.model, parse_model_kwargs(a.model_arg), d, a.out, epochs=a.epochs, lr=a.lr,
                           batch_size=a.batch_size or 128, warmup_epochs=a.warmup_epochs,
                           weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, init=a.init,
-                          resume=a.resume, device=torch.device(a.device) if a.device else None)
+                          resume=a.resume, device=torch.device(a.device) if a.device else None,
+                          compile=a.compile)
         _print_metrics(rep["metrics"], a.json, f"dense model written to {a.out}")
         return 0
     if command == "compress":
@@ -383,6 +386,7 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.add_argument("--resume", action="store_true")
         ap.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps")
         ap.add_argument("--stage1-from", default=None, help="reuse the stage1/ dir of an earlier run")
+        ap.add_argument("--compile", action="store_true", help="torch.compile student and teacher for training")
         ap.add_argument("--json", action="store_true")
         a = ap.parse_args(argv)
         d = _data_opts(a)
@@ -395,7 +399,7 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         teacher, name, kwargs = resolve_model(a.model, parse_model_kwargs(a.model_arg), a.teacher)
         rep = compress(teacher, recipe, d, a.out, model_name=name, model_kwargs=kwargs, resume=a.resume,
                        device=torch.device(a.device) if a.device else None, ckpt_every=a.ckpt_every,
-                       stage1_from=a.stage1_from)
+                       stage1_from=a.stage1_from, compile=a.compile)
         if a.json:
             print(json.dumps({"metrics": rep["metrics"], "teacher_metrics": rep["teacher_metrics"]}))
         else:

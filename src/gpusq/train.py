@@ -175,6 +175,7 @@ def train_stage(
     progress: bool = True,
     extra_state: dict[str, Any] | None = None,
     ddp_model: nn.Module | None = None,
+    compile: bool = False,
 ) -> StageResult:
     """Train ``student`` for ``cfg.epochs``; with a teacher, with the distillation loss.
 
@@ -191,7 +192,8 @@ def train_stage(
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                            fused=device.type == "cuda")
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     aug = torch.Generator().manual_seed(seed + 7)
     step = 0
@@ -223,6 +225,10 @@ def train_stage(
             "rng": rng_state(aug), "history": result.history, "extra": extra_state or {},
         })
 
+    t_model = teacher
+    if compile:  # fewer, fused kernels: small ViTs are launch-bound in eager mode
+        run_model = torch.compile(run_model)
+        t_model = torch.compile(teacher) if teacher is not None else None
     student.train()
     t0 = time.time()
     seen = 0
@@ -248,7 +254,7 @@ def train_stage(
                     t_logits = None
                     if teacher is not None:
                         with torch.no_grad():
-                            t_logits = teacher(x)
+                            t_logits = t_model(x)
                     logits = run_model(x)
                     if loss_fn is not None:
                         loss, _parts = loss_fn(logits, y, t_logits, hs.features if hs else None,
