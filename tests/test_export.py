@@ -188,6 +188,10 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "notgpusq").mkdir()
     with pytest.raises(GpusqError, match="not a gpusq output"):
         export_onnx(tmp_path / "notgpusq", tmp_path / "m.onnx")
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(GpusqError, match="dense model"):
+        export_onnx(tmp_path / "dense", tmp_path / "m.onnx")
     with pytest.raises(GpusqError, match="checkpoint not found"):
         export_onnx(tmp_path / "missing", tmp_path / "m.onnx")
     with pytest.raises(GpusqError, match="output directory does not exist"):

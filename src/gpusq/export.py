@@ -326,6 +326,8 @@ def load_model(model_or_dir: nn.Module | str | Path) -> nn.Module:
     p = Path(model_or_dir)
     if not p.exists():
         raise GpusqError(f"checkpoint not found: {p}")
+    if p.is_dir() and (p / "model.safetensors").is_file() and not (p / "recipe.yaml").is_file():
+        raise GpusqError(f"{p} holds a dense model (no recipe.yaml); export needs a `gpusq compress` output")
     model, _, _ = load_compressed(p)
     return model
 
