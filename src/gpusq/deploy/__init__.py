@@ -6,8 +6,10 @@ a ``DeployedModel`` on the GPU:
 
 * INT8 (and INT4, unpacked to INT8 at load: the H100 has no INT4 tensor cores) 2:4 layers run on
   cuSPARSELt with INT8 activations; the per-channel scale and the bias go into the GEMM epilogue;
-* FP8 layers run 2:4 on cuSPARSELt or dense on ``torch._scaled_mm``, whichever was faster when
-  timed at the layer's shape (``DeployedModel.kernel_report()`` says which);
+* FP8 layers run dense on ``torch._scaled_mm`` (row-wise scales, bias fused) unless cuSPARSELt
+  applies the scale vector and bias in its epilogue for FP8 (it does not with cuSPARSELt 0.8.0
+  on the H100: measured, the FP8 2:4 model was then slower than dense FP8, docs/deploy.md);
+  ``fp8_kernel="sparse"`` forces 2:4, ``"auto"`` otherwise times both per shape;
 * activation quantization is fused by ``torch.compile`` into the op producing the activation
   (LayerNorm, GELU, the attention output transpose), so int8 crosses memory, not bf16;
 * the rest (attention through SDPA, norms, head) runs in bf16 (``recipe.deploy.dense_dtype``);

@@ -140,6 +140,7 @@ def _apply_epilogue(y: torch.Tensor, alpha: torch.Tensor | None, bias: torch.Ten
 
 
 EPILOGUE_MODES = ("alpha_bias", "alpha_bias_f32", "alpha", "none")
+FULL_EPILOGUE = ("alpha_bias", "alpha_bias_f32")
 
 
 def epilogue_mode(kind: str) -> str:

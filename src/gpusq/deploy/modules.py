@@ -62,6 +62,10 @@ class DeployedLinear(nn.Module):
             raise ValueError("dense int8 has no kernel here")
         self.kernels = ["sparse"] if kind == "int8" else (
             ["sparse", "dense"] if sparse and kernel == "auto" else ["dense"] if not sparse else [kernel])
+        if kind == "fp8" and sparse and kernel == "auto" and cs.epilogue_mode(kind) not in cs.FULL_EPILOGUE:
+            # Measured on the H100 (docs/deploy.md): FP8 2:4 GEMMs alone beat dense FP8, but with
+            # the scale and bias applied outside the GEMM the model is slower than dense FP8.
+            self.kernels = ["dense"]
         dt = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}[kind]
         self.act_dtype = dt
         w = pad_rows_cols(codes.to(device), self.np_, self.kp)
