@@ -38,6 +38,7 @@ class DataInfo:
     num_classes: int
     classes: list[str]
     flip: bool  # horizontal flips are a valid augmentation (not for digits)
+    crop_pad: float = 0.125  # random-crop padding as a fraction of the image side (0: no crop)
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -190,7 +191,7 @@ def build_dataset(data: str, split: str, size: tuple[int, int, int], skip_bad: b
     if data == "mnist5k":
         x, y = mnist5k_split(split)
         x = _resize_u8(x, size)
-        return torch.utils.data.TensorDataset(x, y), DataInfo("mnist5k", 10, [str(i) for i in range(10)], False)
+        return torch.utils.data.TensorDataset(x, y), DataInfo("mnist5k", 10, [str(i) for i in range(10)], False, 0.0)
     p = Path(data)
     if not p.exists():
         raise GpusqError(f"data path not found: {data}")
@@ -285,14 +286,14 @@ class Batches:
 
 
 def prepare_batch(x: torch.Tensor, device: torch.device, train: bool, flip: bool,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, crop_pad: float = 0.125) -> torch.Tensor:
     """uint8 [B,C,H,W] → normalized float on ``device``; when training, random pad-crop (+flip)."""
     x = x.to(device, non_blocking=True).float().div_(255)
     c = x.shape[1]
     mean = torch.tensor(MEAN.get(c, (0.5,) * c), device=device).view(1, c, 1, 1)
     std = torch.tensor(STD.get(c, (0.5,) * c), device=device).view(1, c, 1, 1)
-    if train:
-        x = random_crop_flip(x, pad=max(1, x.shape[-1] // 8), flip=flip, generator=generator)
+    if train and (crop_pad > 0 or flip):
+        x = random_crop_flip(x, pad=round(x.shape[-1] * crop_pad), flip=flip, generator=generator)
     return (x - mean) / std
 
 
@@ -300,7 +301,7 @@ def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Gen
     """Per-sample random crop after reflect padding, and optional horizontal flip, batched."""
     b, c, h, w = x.shape
     dev = x.device
-    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect") if pad > 0 else x
     r = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator).to(dev)
     rows = (r[:, :1] + torch.arange(h, device=dev)).view(b, 1, h, 1)
     cols = (r[:, 1:] + torch.arange(w, device=dev)).view(b, 1, 1, w)

@@ -169,7 +169,7 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
     loaders = build_loaders(data, model_input_size(net), batch_size, device)
     cfg = StageConfig(epochs=epochs, lr=lr, min_lr=lr * 1e-3, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, batch_size=batch_size, label_smoothing=label_smoothing)
-    res = train_stage("train", net, loaders.train, cfg, device, flip=loaders.info.flip,
+    res = train_stage("train", net, loaders.train, cfg, device, flip=loaders.info.flip, crop_pad=loaders.info.crop_pad,
                       ckpt_path=out / "checkpoints" / "train.safetensors", resume=resume, seed=data.seed,
                       progress=progress, compile=compile)
     metrics = evaluate(net, loaders.val, device, progress=progress)
@@ -231,7 +231,7 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
             report["layers_skipped"] = sel.skipped
         cfg1 = _stage_cfg(recipe.train.stage1, data.batch_size)
         loss1 = DistillationLoss(_no_weighting(recipe))
-        r1 = train_stage("stage1", student, loaders.train, cfg1, device, flip=loaders.info.flip, teacher=teacher,
+        r1 = train_stage("stage1", student, loaders.train, cfg1, device, flip=loaders.info.flip, crop_pad=loaders.info.crop_pad, teacher=teacher,
                          loss_fn=loss1, feature_names=feats, ckpt_path=ck / "stage1.safetensors",
                          ckpt_every=ckpt_every, resume=resume, seed=data.seed, eval_fn=ev, progress=progress,
                          compile=compile)
@@ -261,7 +261,7 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
         report["calibrated_metrics"] = ev(student)
         cfg2 = _stage_cfg(recipe.train.stage2, data.batch_size)
         loss2 = DistillationLoss(recipe.distill, weights)
-        r2 = train_stage("stage2", student, loaders.train, cfg2, device, flip=loaders.info.flip,
+        r2 = train_stage("stage2", student, loaders.train, cfg2, device, flip=loaders.info.flip, crop_pad=loaders.info.crop_pad,
                          teacher=teacher2, loss_fn=loss2, feature_names=feats,
                          ckpt_path=ck / "stage2.safetensors", ckpt_every=ckpt_every, resume=resume,
                          seed=data.seed + 1, eval_fn=ev, progress=progress, compile=compile)

@@ -164,6 +164,7 @@ def train_stage(
     device: torch.device,
     *,
     flip: bool,
+    crop_pad: float = 0.125,
     teacher: nn.Module | None = None,
     loss_fn: DistillationLoss | None = None,
     feature_names: list[str] | None = None,
@@ -248,7 +249,7 @@ def train_stage(
                     continue
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, total, warmup, cfg)
-                x = prepare_batch(x, device, train=True, flip=flip, generator=aug)
+                x = prepare_batch(x, device, train=True, flip=flip, generator=aug, crop_pad=crop_pad)
                 y = y.to(device, non_blocking=True)
                 with autocast(device):
                     t_logits = None
