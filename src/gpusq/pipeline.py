@@ -231,7 +231,8 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
             report["layers_skipped"] = sel.skipped
         cfg1 = _stage_cfg(recipe.train.stage1, data.batch_size)
         loss1 = DistillationLoss(_no_weighting(recipe))
-        r1 = train_stage("stage1", student, loaders.train, cfg1, device, flip=loaders.info.flip, crop_pad=loaders.info.crop_pad, teacher=teacher,
+        r1 = train_stage("stage1", student, loaders.train, cfg1, device, flip=loaders.info.flip,
+                         crop_pad=loaders.info.crop_pad, teacher=teacher,
                          loss_fn=loss1, feature_names=feats, ckpt_path=ck / "stage1.safetensors",
                          ckpt_every=ckpt_every, resume=resume, seed=data.seed, eval_fn=ev, progress=progress,
                          compile=compile)
@@ -261,7 +262,8 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
         report["calibrated_metrics"] = ev(student)
         cfg2 = _stage_cfg(recipe.train.stage2, data.batch_size)
         loss2 = DistillationLoss(recipe.distill, weights)
-        r2 = train_stage("stage2", student, loaders.train, cfg2, device, flip=loaders.info.flip, crop_pad=loaders.info.crop_pad,
+        r2 = train_stage("stage2", student, loaders.train, cfg2, device, flip=loaders.info.flip,
+                         crop_pad=loaders.info.crop_pad,
                          teacher=teacher2, loss_fn=loss2, feature_names=feats,
                          ckpt_path=ck / "stage2.safetensors", ckpt_every=ckpt_every, resume=resume,
                          seed=data.seed + 1, eval_fn=ev, progress=progress, compile=compile)
