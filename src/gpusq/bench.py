@@ -338,6 +338,9 @@ def cli_main(argv: list[str], prog: str = "gpusq bench", command: str = "bench")
                 kernels[f"{model_name}/{vname}"] = var.deployed.kernel_report()
             del var
             torch.cuda.empty_cache()
+        if len(args.model.split(",")) > 1:  # each model's table as soon as it is done
+            add_ratios(rows)
+            print(format_table([r for r in rows if r["model"] == model_name]) + "\n", flush=True)
     add_ratios(rows)
     print(format_table(rows))
     if profiles:
