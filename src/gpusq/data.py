@@ -240,12 +240,14 @@ class Batches:
     """
 
     def __init__(self, ds, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 4,
-                 pin: bool = False, drop_last: bool = False, rank: int = 0, world: int = 1):
+                 pin: bool = False, drop_last: bool = False, rank: int = 0, world: int = 1,
+                 even: bool = True):
         if batch_size <= 0:
             raise GpusqError(f"batch size must be > 0, got {batch_size}")
         self.ds, self.bs, self.shuffle, self.seed = ds, batch_size, shuffle, seed
         self.workers, self.pin, self.drop_last = workers, pin, drop_last
         self.rank, self.world = rank, world
+        self.even = even  # pad shards to equal length (training); False: exact split (evaluation)
         self.epoch = 0
         self.skip = 0
 
@@ -256,6 +258,8 @@ class Batches:
             idx = torch.randperm(n, generator=g)
         else:
             idx = torch.arange(n)
+        if self.world > 1 and not self.even:  # every sample exactly once over all ranks
+            return idx[self.rank :: self.world]
         if self.world > 1:  # same global order on every rank; each takes its strided share
             per = n // self.world if self.drop_last else -(-n // self.world)
             idx = torch.cat([idx, idx[: per * self.world - n]]) if per * self.world > n else idx[: per * self.world]
@@ -286,29 +290,37 @@ class Batches:
 
 
 def prepare_batch(x: torch.Tensor, device: torch.device, train: bool, flip: bool,
-                  generator: torch.Generator | None = None, crop_pad: float = 0.125) -> torch.Tensor:
-    """uint8 [B,C,H,W] → normalized float on ``device``; when training, random pad-crop (+flip)."""
+                  generator: torch.Generator | None = None, crop_pad: float = 0.125,
+                  shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """uint8 [B,C,H,W] → normalized float on ``device``; when training, random pad-crop (+flip).
+
+    ``shard`` = (rank, world): this batch is the strided share ``rank::world`` of a global batch
+    (``Batches`` with ``world`` > 1); the random draws are made for the global batch and sliced
+    the same way, so N processes augment exactly as one process with the global batch would.
+    """
     x = x.to(device, non_blocking=True).float().div_(255)
     c = x.shape[1]
     mean = torch.tensor(MEAN.get(c, (0.5,) * c), device=device).view(1, c, 1, 1)
     std = torch.tensor(STD.get(c, (0.5,) * c), device=device).view(1, c, 1, 1)
     if train and (crop_pad > 0 or flip):
-        x = random_crop_flip(x, pad=round(x.shape[-1] * crop_pad), flip=flip, generator=generator)
+        x = random_crop_flip(x, pad=round(x.shape[-1] * crop_pad), flip=flip, generator=generator, shard=shard)
     return (x - mean) / std
 
 
-def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None = None):
+def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None = None,
+                     shard: tuple[int, int] = (0, 1)):
     """Per-sample random crop after reflect padding, and optional horizontal flip, batched."""
     b, c, h, w = x.shape
     dev = x.device
+    rk, ws = shard
     xp = F.pad(x, (pad, pad, pad, pad), mode="reflect") if pad > 0 else x
-    r = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator).to(dev)
+    r = torch.randint(0, 2 * pad + 1, (b * ws, 2), generator=generator)[rk::ws].to(dev)
     rows = (r[:, :1] + torch.arange(h, device=dev)).view(b, 1, h, 1)
     cols = (r[:, 1:] + torch.arange(w, device=dev)).view(b, 1, 1, w)
     bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
     ci = torch.arange(c, device=dev).view(1, c, 1, 1)
     out = xp[bi, ci, rows, cols]
     if flip:
-        f = (torch.rand(b, generator=generator) < 0.5).to(dev).view(b, 1, 1, 1)
+        f = (torch.rand(b * ws, generator=generator)[rk::ws] < 0.5).to(dev).view(b, 1, 1, 1)
         out = torch.where(f, out.flip(-1), out)
     return out

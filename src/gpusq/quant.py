@@ -201,6 +201,9 @@ class ActQuantizer(nn.Module):
     def finish_observing(self) -> None:
         """Turn the recorded statistics into the static scale (and stop observing)."""
         self.observing = False
+        from gpusq.distributed import sync_observer_stats  # no-op unless running under torchrun
+
+        self._samples = sync_observer_stats(self.amax, self._samples)
         samples = torch.cat(self._samples) if self._samples else None
         self._samples = []
         if samples is not None and samples.numel() > self.MAX_SAMPLES:
