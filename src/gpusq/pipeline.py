@@ -20,6 +20,7 @@ import torch
 import yaml
 from torch import nn
 
+from gpusq import distributed as D
 from gpusq.checkpoint import (
     atomic_write,
     atomic_write_text,
@@ -61,7 +62,14 @@ class Loaders:
 
 
 def build_loaders(opts: DataOptions, size: tuple[int, int, int], batch_size: int, device: torch.device,
-                  rank: int = 0, world: int = 1) -> Loaders:
+                  rank: int | None = None, world: int | None = None) -> Loaders:
+    """Train/val batches; under torchrun each rank gets ``batch_size / world`` of every global batch."""
+    rank = D.rank() if rank is None else rank
+    world = D.world() if world is None else world
+    if batch_size % world:
+        raise GpusqError(f"the batch size {batch_size} is not divisible by the {world} processes; "
+                         f"use a multiple of {world}")
+    global_bs, batch_size = batch_size, batch_size // world
     key = (opts.data, tuple(size), opts.skip_bad_images)
     if opts.cache is not False and key in _DECODED:
         train_ds, val_ds, info = _DECODED[key]
@@ -78,10 +86,11 @@ def build_loaders(opts: DataOptions, size: tuple[int, int, int], batch_size: int
     pin = device.type == "cuda"
     train = Batches(train_ds, batch_size, shuffle=True, seed=opts.seed, workers=opts.workers, pin=pin,
                     drop_last=True, rank=rank, world=world)
-    val = Batches(val_ds, max(batch_size, 256), shuffle=False, workers=opts.workers, pin=pin)
+    val = Batches(val_ds, max(batch_size, 256), shuffle=False, workers=opts.workers, pin=pin,
+                  rank=rank, world=world, even=False)
     if len(train) == 0:
         raise GpusqError(f"the training split of {opts.data} has fewer images ({len(train_ds)}) than one batch "
-                         f"({batch_size}); use a smaller --batch-size")
+                         f"({global_bs}); use a smaller --batch-size")
     return Loaders(train, val, info)
 
 
@@ -166,6 +175,7 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
     if net is None:
         net, model, model_kwargs = resolve_model(model, model_kwargs, init)
     net.to(device)
+    D.broadcast_module_(net)  # identical initial weights on every rank
     loaders = build_loaders(data, model_input_size(net), batch_size, device)
     cfg = StageConfig(epochs=epochs, lr=lr, min_lr=lr * 1e-3, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, batch_size=batch_size, label_smoothing=label_smoothing)
@@ -173,12 +183,14 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
                       ckpt_path=out / "checkpoints" / "train.safetensors", resume=resume, seed=data.seed,
                       progress=progress, compile=compile)
     metrics = evaluate(net, loaders.val, device, progress=progress)
-    _write_dense(net, out, model, model_kwargs)
     report = {"kind": "dense", "model": model, "model_kwargs": model_kwargs, "data": data.data,
-              "metrics": metrics, "history": res.history, "train_images_per_s": res.images_per_s,
-              "train_seconds": res.seconds}
-    _write_json(out / "report.json", report)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+              "metrics": metrics, "history": res.history, "train_images_per_s": res.images_per_s * D.world(),
+              "train_seconds": res.seconds, "processes": D.world()}
+    if D.is_main():
+        _write_dense(net, out, model, model_kwargs)
+        _write_json(out / "report.json", report)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    D.barrier()
     return report
 
 
@@ -198,6 +210,7 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
     model_kwargs = model_kwargs or {}
     seed_everything(data.seed)
     teacher = teacher.to(device).eval()
+    D.broadcast_module_(teacher)  # replicated teacher: identical on every rank, so are the masks
     size = model_input_size(teacher)
     bs = data.batch_size or recipe.train.stage1.batch_size
     loaders = build_loaders(data, size, bs, device)
@@ -206,6 +219,7 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
     teacher_metrics = ev(teacher)
     ck = out / "checkpoints"
     ck.mkdir(exist_ok=True)
+    main = D.is_main()
     report: dict[str, Any] = {"kind": "compressed", "model": model_name, "model_kwargs": model_kwargs,
                               "recipe": recipe.name, "data": data.data, "teacher_metrics": teacher_metrics}
 
@@ -229,6 +243,11 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
         if recipe.sparse:
             sel = sparsify_(student, recipe.sparsity)
             report["layers_skipped"] = sel.skipped
+            if not sel.selected:
+                why = "; ".join(f"{k}: {v}" for k, v in list(sel.skipped.items())[:3])
+                raise GpusqError("no layer to compress: the recipe's sparsity.include patterns match no "
+                                 "2:4-prunable layer" + (f" (skipped {why})" if why else ""))
+            D.broadcast_module_(student)
         cfg1 = _stage_cfg(recipe.train.stage1, data.batch_size)
         loss1 = DistillationLoss(_no_weighting(recipe))
         r1 = train_stage("stage1", student, loaders.train, cfg1, device, flip=loaders.info.flip,
@@ -239,9 +258,11 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
         hist1 = r1.history
         imp = sample_batches(loaders.train, recipe.train.importance_batches, device)
         names = feature_layers(teacher, recipe.distill.features)
-        distortion = measure_distortion(student, teacher, imp, names) if names else {}
-        save_compressed(student, stage1_dir, recipe, model_name, model_kwargs)
-        _write_json(stage1_dir / "stage1.json", {"history": hist1, "distortion": distortion})
+        distortion = D.mean_dict(measure_distortion(student, teacher, imp, names)) if names else {}
+        if main:
+            save_compressed(student, stage1_dir, recipe, model_name, model_kwargs)
+            _write_json(stage1_dir / "stage1.json", {"history": hist1, "distortion": distortion})
+        D.barrier()
     report["stage1_metrics"] = ev(student)
     weights = layer_weights_from_distortion(distortion, recipe.distill.layer_weighting)
     report["layer_distortion"] = distortion
@@ -251,7 +272,8 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
     hist2: list = []
     if recipe.quantized:
         teacher2 = copy.deepcopy(student).eval().requires_grad_(False)
-        quantize_(student, recipe.quant)
+        if not quantize_(student, recipe.quant):
+            raise GpusqError("no layer to compress: no GEMM layer of the model can be quantized")
         calib = sample_batches(loaders.train, recipe.train.calib_batches, device)
 
         def loop(m):
@@ -273,16 +295,17 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
     bad = [n for n, ok in check_2to4(student).items() if not ok]
     if recipe.sparse and bad:
         raise GpusqError(f"internal check failed: 2:4 pattern broken in {bad[:3]}")
-    save_compressed(student, out, recipe, model_name, model_kwargs)
-    from gpusq.stats import model_stats
+    report["processes"] = D.world()
+    if main:  # stats first: a failure there must not leave a model without its report
+        from gpusq.report import write_report_md
+        from gpusq.stats import model_stats
 
-    report["stats"] = model_stats(student.cpu(), recipe, input_size=size)
-    student.to(device)
-    _write_json(out / "report.json", report)
-    from gpusq.report import write_report_md
-
-    write_report_md(out, report)
-    shutil.rmtree(ck, ignore_errors=True)
+        report["stats"] = model_stats(copy.deepcopy(student).cpu(), recipe, input_size=size)
+        save_compressed(student, out, recipe, model_name, model_kwargs)
+        _write_json(out / "report.json", report)
+        write_report_md(out, report)
+        shutil.rmtree(ck, ignore_errors=True)
+    D.barrier()
     return report
 
 
@@ -323,7 +346,8 @@ def eval_checkpoint(checkpoint: str, data: DataOptions, model: str | None = None
     device = device or default_device()
     net = load_any(checkpoint, model, model_kwargs).to(device)
     val_ds, _ = build_dataset(data.data, "val", model_input_size(net), data.skip_bad_images)
-    val = Batches(val_ds, data.batch_size or 256, shuffle=False, workers=data.workers, pin=device.type == "cuda")
+    val = Batches(val_ds, data.batch_size or 256, shuffle=False, workers=data.workers, pin=device.type == "cuda",
+                  rank=D.rank(), world=D.world(), even=False)
     return evaluate(net, val, device, progress=progress)
 
 
@@ -350,7 +374,20 @@ def _data_opts(a) -> DataOptions:
     return DataOptions(a.data, a.batch_size, a.workers, False if a.no_cache else None, a.skip_bad_images, a.seed)
 
 
+def _device(a) -> torch.device | None:
+    """Under torchrun: join the process group and use this rank's device; else --device."""
+    dev = D.init_from_env(a.device)
+    return dev or (torch.device(a.device) if a.device else None)
+
+
 def cli_main(argv: list[str], prog: str, command: str) -> int:
+    try:
+        return _cli_main(argv, prog, command)
+    finally:
+        D.shutdown()
+
+
+def _cli_main(argv: list[str], prog: str, command: str) -> int:
     ap = argparse.ArgumentParser(prog=prog)
     if command == "train":
         ap.description = "Train a dense model from scratch (or fine-tune --init) and write DIR/model.safetensors."
@@ -371,9 +408,10 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         rep = train_dense(a.model, parse_model_kwargs(a.model_arg), d, a.out, epochs=a.epochs, lr=a.lr,
                           batch_size=a.batch_size or 128, warmup_epochs=a.warmup_epochs,
                           weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, init=a.init,
-                          resume=a.resume, device=torch.device(a.device) if a.device else None,
+                          resume=a.resume, device=_device(a),
                           compile=a.compile)
-        _print_metrics(rep["metrics"], a.json, f"dense model written to {a.out}")
+        if D.is_main():
+            _print_metrics(rep["metrics"], a.json, f"dense model written to {a.out}")
         return 0
     if command == "compress":
         ap.description = "GPUSQ: 2:4 prune + KD fine-tune (stage 1), then sparse-aware QAT with KD (stage 2)."
@@ -400,8 +438,10 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         recipe = load_recipe(a.recipe, overrides)
         teacher, name, kwargs = resolve_model(a.model, parse_model_kwargs(a.model_arg), a.teacher)
         rep = compress(teacher, recipe, d, a.out, model_name=name, model_kwargs=kwargs, resume=a.resume,
-                       device=torch.device(a.device) if a.device else None, ckpt_every=a.ckpt_every,
+                       device=_device(a), ckpt_every=a.ckpt_every,
                        stage1_from=a.stage1_from, compile=a.compile)
+        if not D.is_main():
+            return 0
         if a.json:
             print(json.dumps({"metrics": rep["metrics"], "teacher_metrics": rep["teacher_metrics"]}))
         else:
@@ -418,8 +458,9 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.add_argument("--json", action="store_true")
         a = ap.parse_args(argv)
         m = eval_checkpoint(a.checkpoint, _data_opts(a), a.model, parse_model_kwargs(a.model_arg),
-                            torch.device(a.device) if a.device else None)
-        _print_metrics(m, a.json)
+                            _device(a))
+        if D.is_main():
+            _print_metrics(m, a.json)
         return 0
     raise GpusqError(f"unknown command {command}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from gpusq import distributed as D
 from gpusq.checkpoint import atomic_write
 from gpusq.data import Batches, prepare_batch
 from gpusq.distill import DistillationLoss, FeatureHooks
@@ -77,6 +79,9 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device, desc: str
         c5 += int((top == y[:, None]).any(1).sum())
         n += len(y)
     model.train(was)
+    if D.enabled():  # each rank saw its exact share of the split: sums give the global metrics
+        n, c1, c5, loss, bad = (type(v)(r) for v, r in zip((n, c1, c5, loss, bad),
+                                                          D.sum_floats([n, c1, c5, loss, bad])))
     if n == 0:
         raise GpusqError("evaluation saw no images")
     res = {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n, "images": n}
@@ -110,12 +115,36 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
+def prev_path(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
+
+
 def save_train_state(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically, keeping the previous checkpoint as ``PATH.prev`` (fallback if unreadable)."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     meta = json.dumps(_flatten(state, "s", tensors))
+    path = Path(path)
+    if path.is_file():
+        os.replace(path, prev_path(path))  # a kill right after this leaves .prev: still resumable
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"gpusq_train_state": meta}))
+
+
+def load_latest_state(path: Path) -> dict[str, Any] | None:
+    """The newest readable checkpoint: ``path``, else ``path.prev`` (with a message), else None."""
+    path = Path(path)
+    if path.is_file():
+        st = load_train_state(path)
+        if st is not None:
+            return st
+    prev = prev_path(path)
+    if prev.is_file():
+        st = load_train_state(prev)
+        if st is not None:
+            print(f"gpusq: using the previous checkpoint {prev}", flush=True)
+            return st
+    return None
 
 
 def load_train_state(path: Path) -> dict[str, Any] | None:
@@ -188,7 +217,6 @@ def train_stage(
     result = StageResult()
     if total == 0:
         return result
-    run_model = ddp_model or student
     params = [p for p in student.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
@@ -198,17 +226,25 @@ def train_stage(
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     aug = torch.Generator().manual_seed(seed + 7)
     step = 0
-    if resume and ckpt_path is not None and ckpt_path.is_file():
-        st = load_train_state(ckpt_path)
+    acc0 = (0, 0, 0.0)  # running (correct, count, loss sum) of a checkpointed partial epoch
+    if resume and ckpt_path is not None:
+        st = load_latest_state(ckpt_path)
         if st is not None and st.get("stage") == name:
             student.load_state_dict(st["model"])
             opt.load_state_dict(st["optimizer"])
             step = int(st["step"])
             set_rng_state(st["rng"], aug)
             result.history = st.get("history", [])
+            a = st.get("epoch_acc") or [0, 0, 0.0]
+            acc0 = (int(a[0]), int(a[1]), float(a[2]))
             if extra_state is not None:
                 extra_state.update(st.get("extra", {}))
-            print(f"gpusq: resumed {name} at step {step}/{total}")
+            if D.is_main():
+                print(f"gpusq: resumed {name} at step {step}/{total}", flush=True)
+    if ddp_model is None:
+        ddp_model = D.wrap_ddp(student, device)  # None unless launched by torchrun
+    run_model = ddp_model or student
+    shard = (train_batches.rank, train_batches.world)
     if teacher is not None:
         teacher.eval()
         for p in teacher.parameters():
@@ -218,12 +254,14 @@ def train_stage(
     hs = FeatureHooks(student, feature_names) if use_feats else None
     ht = FeatureHooks(teacher, feature_names) if (use_feats and teacher is not None) else None
 
-    def save(step_now: int) -> None:
-        if ckpt_path is None:
+    def save(step_now: int, epoch_acc: tuple = (0, 0, 0.0)) -> None:
+        if ckpt_path is None or not D.is_main():  # ranks hold identical state: rank 0 writes
             return
         save_train_state(ckpt_path, {
-            "stage": name, "step": step_now, "model": student.state_dict(), "optimizer": opt.state_dict(),
+            "stage": name, "step": step_now, "epoch": step_now // steps_per_epoch,
+            "model": student.state_dict(), "optimizer": opt.state_dict(),
             "rng": rng_state(aug), "history": result.history, "extra": extra_state or {},
+            "epoch_acc": list(epoch_acc),
         })
 
     t_model = teacher
@@ -233,14 +271,14 @@ def train_stage(
     student.train()
     t0 = time.time()
     seen = 0
-    bar = tqdm(total=total, initial=step, desc=name, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=name, disable=not progress or not D.is_main(), dynamic_ncols=True)
     try:
         while step < total:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             train_batches.epoch = epoch
             train_batches.skip = in_epoch
-            correct = count = 0
-            loss_sum = 0.0
+            correct, count, loss_sum = acc0 if in_epoch else (0, 0, 0.0)
+            acc0 = (0, 0, 0.0)
             for x, y, _ in train_batches:
                 if step >= total:
                     break
@@ -249,7 +287,7 @@ def train_stage(
                     continue
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, total, warmup, cfg)
-                x = prepare_batch(x, device, train=True, flip=flip, generator=aug, crop_pad=crop_pad)
+                x = prepare_batch(x, device, train=True, flip=flip, generator=aug, crop_pad=crop_pad, shard=shard)
                 y = y.to(device, non_blocking=True)
                 with autocast(device):
                     t_logits = None
@@ -262,9 +300,10 @@ def train_stage(
                                                ht.features if ht else None)
                     else:
                         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                if not torch.isfinite(loss):
+                if not D.all_finite(bool(torch.isfinite(loss))):  # every rank stops together
+                    bad_loss = float(loss.detach()) if not torch.isfinite(loss) else "non-finite on another rank"
                     raise GpusqError(
-                        f"{name}: loss became {float(loss)} at step {step}; stopped"
+                        f"{name}: loss became {bad_loss} at step {step}; stopped"
                         + (f", last good checkpoint kept at {ckpt_path}" if ckpt_path and ckpt_path.exists() else "")
                         + " (try a lower learning rate)")
                 opt.zero_grad(set_to_none=True)
@@ -280,14 +319,16 @@ def train_stage(
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{100 * correct / count:.1f}")
                 if ckpt_every and step % ckpt_every == 0 and step % steps_per_epoch:
-                    save(step)
+                    save(step, (correct, count, loss_sum))
+            if D.enabled():  # epoch statistics over all ranks
+                correct, count, loss_sum = D.sum_floats([correct, count, loss_sum])
             if count:
                 rec = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / count,
                        "train_top1": 100.0 * correct / count}
                 if eval_fn is not None and (step % steps_per_epoch == 0 or step >= total):
                     rec.update({f"val_{k}": v for k, v in eval_fn(student).items() if k in ("top1", "top5")})
                 result.history.append(rec)
-                if not progress:  # one line per epoch for logs (no progress bar)
+                if not progress and D.is_main():  # one line per epoch for logs (no progress bar)
                     val = f" val top-1 {rec['val_top1']:.2f}" if "val_top1" in rec else ""
                     print(f"{name} epoch {epoch + 1}/{math.ceil(total / steps_per_epoch)}: loss "
                           f"{rec['train_loss']:.4f} train top-1 {rec['train_top1']:.2f}{val} "
