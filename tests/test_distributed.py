@@ -1,0 +1,102 @@
+"""torchrun data parallelism on CPU (gloo): 2 processes give what 1 process gives with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gpusq import distributed as D
+from gpusq.data import Batches, random_crop_flip
+
+KW = "img_size=16,patch_size=4,num_classes=4,embed_dim=32,depth=1,num_heads=2"
+
+
+def _torchrun(n: int, args: list[str], cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--standalone",
+           "-m", "gpusq", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Colour images of 4 classes (mean colour = class), so flips/crops (augmentation) are exercised."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 32), ("val", 10)):
+        for c in range(4):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                base = np.array([60 * c, 255 - 60 * c, 128], dtype=np.float64)
+                img = np.clip(base + rng.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def test_single_process_helpers_are_noops():
+    assert not D.enabled() and D.rank() == 0 and D.world() == 1 and D.is_main()
+    assert D.sum_floats([1.0, 2.0]) == [1.0, 2.0] and D.all_finite(True) and not D.all_finite(False)
+    x = torch.arange(5.0)
+    assert D.all_gather_cat(x) is x and D.mean_dict({"a": 1.0}) == {"a": 1.0}
+
+
+def test_shards_are_strided_slices_of_the_global_batch():
+    ds = torch.utils.data.TensorDataset(torch.arange(40).view(40, 1, 1, 1).to(torch.uint8), torch.arange(40))
+    one = list(Batches(ds, 8, shuffle=True, seed=3, drop_last=True))
+    two = [list(Batches(ds, 4, shuffle=True, seed=3, drop_last=True, rank=r, world=2)) for r in range(2)]
+    for k, (_, y, _) in enumerate(one):
+        assert torch.equal(two[0][k][1], y[0::2]) and torch.equal(two[1][k][1], y[1::2])
+    # evaluation shards: every sample exactly once, no padding
+    ev = [Batches(ds, 16, shuffle=False, rank=r, world=3, even=False).indices() for r in range(3)]
+    assert sorted(torch.cat(ev).tolist()) == list(range(40))
+    # augmentation draws of a shard are the shard of the global draws
+    x = torch.rand(8, 3, 6, 6)
+    full = random_crop_flip(x, 1, True, torch.Generator().manual_seed(1))
+    part = random_crop_flip(x[1::2], 1, True, torch.Generator().manual_seed(1), shard=(1, 2))
+    assert torch.equal(full[1::2], part)
+
+
+def test_two_gloo_processes_match_one(folder, tmp_path):
+    """Train a teacher and compress it (int8: masks, percentile calibration, QAT) on 1 and 2 processes."""
+    common = ["--data", str(folder), "--workers", "0", "--batch-size", "16", "--device", "cpu", "--json"]
+    res = {}
+    for n in (1, 2):
+        t = tmp_path / f"t{n}"
+        p = _torchrun(n, ["train", "--model", "deit_tiny_patch16_224", "--model-arg", KW, "--epochs", "1",
+                          "--lr", "2e-3", "--warmup-epochs", "0.2", "--out", str(t), *common], tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+        c = tmp_path / f"c{n}"
+        p2 = _torchrun(n, ["compress", "--teacher", str(t), "--recipe", "int8", "--out", str(c),
+                           "--set", "train.stage1.epochs=0.5", "--set", "train.stage2.epochs=0.5",
+                           "--set", "train.calib_batches=2", "--set", "train.importance_batches=2", *common],
+                       tmp_path)
+        assert p2.returncode == 0, p2.stderr[-3000:]
+        lines = [ln for ln in p2.stdout.splitlines() if ln.startswith("{")]
+        assert len(lines) == 1, p2.stdout  # only rank 0 reports
+        res[n] = json.loads(lines[0]), json.loads((c / "report.json").read_text())
+        assert not (c / "checkpoints").exists()
+    (m1, r1), (m2, r2) = res[1], res[2]
+    assert r2["processes"] == 2 and r1["processes"] == 1
+    assert r1["teacher_metrics"]["images"] == r2["teacher_metrics"]["images"] == 40  # each val image once
+    for k in ("teacher_metrics", "metrics"):
+        assert m2[k]["top1"] == pytest.approx(m1[k]["top1"], abs=2.51), k  # at most one of 40 images flips (near-ties)
+        assert m2[k]["loss"] == pytest.approx(m1[k]["loss"], rel=1e-3, abs=1e-3), k
+    from safetensors.torch import load_file
+
+    w1, w2 = (load_file(str(tmp_path / f"c{n}" / "model.safetensors")) for n in (1, 2))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        if k.endswith("weight_mask"):
+            assert torch.equal(w1[k], w2[k]), k  # identical 2:4 masks
+        elif k.endswith("input_scale"):
+            assert torch.allclose(w1[k], w2[k], rtol=1e-3), k  # calibration saw the same images
+    teach1 = load_file(str(tmp_path / "t1" / "model.safetensors"))
+    teach2 = load_file(str(tmp_path / "t2" / "model.safetensors"))
+    diff = max(float((teach1[k] - teach2[k]).abs().max()) for k in teach1)
+    assert diff < 1e-4, diff  # dense training: same weights up to float summation order
