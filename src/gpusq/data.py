@@ -94,6 +94,17 @@ def collate_skip_bad(batch):
     return torch.stack(xs), torch.tensor(ys, dtype=torch.long), bad
 
 
+def _iter_loader(loader) -> Iterator:
+    """Iterate a DataLoader; a GpusqError raised in a worker comes back as its one-line message
+    (the DataLoader re-raises it with the worker's traceback in the message)."""
+    try:
+        yield from loader
+    except GpusqError as e:
+        lines = str(e).strip().splitlines()
+        msg = lines[-1].split("GpusqError: ", 1)[-1] if lines else str(e)
+        raise GpusqError(msg) from None
+
+
 def _class_files(entries: dict[str, list[str]], root_label: str) -> tuple[list[tuple[str, int]], list[str]]:
     classes = sorted(entries)
     if not classes:
@@ -225,7 +236,7 @@ def cache_in_memory(ds) -> torch.utils.data.TensorDataset:
     loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=min(8, os.cpu_count() or 1),
                                          collate_fn=collate_skip_bad)
     xs, ys = [], []
-    for x, y, _ in loader:
+    for x, y, _ in _iter_loader(loader):
         xs.append(x)
         ys.append(y)
     return torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
@@ -286,7 +297,7 @@ class Batches:
             self.ds, batch_sampler=[c.tolist() for c in chunks], num_workers=self.workers,
             pin_memory=self.pin, collate_fn=collate_skip_bad, persistent_workers=False,
         )
-        yield from loader
+        yield from _iter_loader(loader)
 
 
 def prepare_batch(x: torch.Tensor, device: torch.device, train: bool, flip: bool,
