@@ -387,6 +387,25 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         D.shutdown()
 
 
+def _clean_failed_out(out: Path, created: bool) -> None:
+    """After a failure: remove an --out dir this run created if it holds nothing to resume from."""
+    if not created or not D.is_main() or not out.is_dir():
+        return
+    resumable = any((out / "checkpoints").glob("*.safetensors*")) or (out / "stage1" / "stage1.json").is_file()
+    if not resumable:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _run_writing(out: str, fn):
+    """``fn()``; on failure, leave no half-made --out behind (checkpoints for --resume are kept)."""
+    created = not Path(out).exists()
+    try:
+        return fn()
+    except BaseException:
+        _clean_failed_out(Path(out), created)
+        raise
+
+
 def _cli_main(argv: list[str], prog: str, command: str) -> int:
     ap = argparse.ArgumentParser(prog=prog)
     if command == "train":
@@ -405,11 +424,11 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.add_argument("--json", action="store_true")
         a = ap.parse_args(argv)
         d = _data_opts(a)
-        rep = train_dense(a.model, parse_model_kwargs(a.model_arg), d, a.out, epochs=a.epochs, lr=a.lr,
-                          batch_size=a.batch_size or 128, warmup_epochs=a.warmup_epochs,
-                          weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, init=a.init,
-                          resume=a.resume, device=_device(a),
-                          compile=a.compile)
+        rep = _run_writing(a.out, lambda: train_dense(
+            a.model, parse_model_kwargs(a.model_arg), d, a.out, epochs=a.epochs, lr=a.lr,
+            batch_size=a.batch_size or 128, warmup_epochs=a.warmup_epochs, weight_decay=a.weight_decay,
+            label_smoothing=a.label_smoothing, init=a.init, resume=a.resume, device=_device(a),
+            compile=a.compile))
         if D.is_main():
             _print_metrics(rep["metrics"], a.json, f"dense model written to {a.out}")
         return 0
@@ -437,9 +456,9 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
             overrides = _merge(overrides, parse_override(s))
         recipe = load_recipe(a.recipe, overrides)
         teacher, name, kwargs = resolve_model(a.model, parse_model_kwargs(a.model_arg), a.teacher)
-        rep = compress(teacher, recipe, d, a.out, model_name=name, model_kwargs=kwargs, resume=a.resume,
-                       device=_device(a), ckpt_every=a.ckpt_every,
-                       stage1_from=a.stage1_from, compile=a.compile)
+        rep = _run_writing(a.out, lambda: compress(
+            teacher, recipe, d, a.out, model_name=name, model_kwargs=kwargs, resume=a.resume,
+            device=_device(a), ckpt_every=a.ckpt_every, stage1_from=a.stage1_from, compile=a.compile))
         if not D.is_main():
             return 0
         if a.json:
