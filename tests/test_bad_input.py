@@ -202,7 +202,7 @@ def test_malicious_pickle_is_refused(capsys, tmp_path, folder):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     with open(evil, "wb") as f:
-        pickle.dump({"state_dict": {"w": _Evil(str(marker))}}, f)
+        pickle.dump({"state_dict": {"w": _Evil(str(marker))}}, f, protocol=2)
     _fails(capsys, ["compress", "--teacher", str(evil), "--model", MODEL, "--model-arg", KW, "--data", str(folder),
                     "--out", str(tmp_path / "o"), *FAST], "could not be read with weights_only=True")
     _fails(capsys, ["eval", "--checkpoint", str(evil), "--model", MODEL, "--model-arg", KW, "--data", str(folder),
