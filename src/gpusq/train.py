@@ -282,7 +282,10 @@ def train_stage(
             for x, y, _ in train_batches:
                 if step >= total:
                     break
-                if len(y) == 0:
+                empty = len(y) == 0  # every image of the batch was unreadable (--skip-bad-images)
+                if D.enabled():  # DDP needs every rank in every step: skip together
+                    empty = not D.all_finite(not empty)
+                if empty:
                     step += 1
                     continue
                 for g in opt.param_groups:
