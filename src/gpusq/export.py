@@ -293,10 +293,6 @@ def _replace_stubs(model_proto, layers: dict[str, CompressedLayer], int4_native:
                          f"(e.g. {sorted(missing)[0]})")
     del graph.node[:]
     graph.node.extend(new_nodes)
-    # the placeholder outputs' stale type info (if any) is dropped; shape inference recomputes it
-    keep = [vi for vi in graph.value_info]
-    del graph.value_info[:]
-    graph.value_info.extend(keep)
     for imp in list(model_proto.opset_import):
         if imp.domain == STUB_DOMAIN:
             model_proto.opset_import.remove(imp)
