@@ -204,7 +204,7 @@ def build_dataset(data: str, split: str, size: tuple[int, int, int], skip_bad: b
     if data == "mnist5k":
         x, y = mnist5k_split(split)
         x = _resize_u8(x, size)
-        return torch.utils.data.TensorDataset(x, y), DataInfo("mnist5k", 10, [str(i) for i in range(10)], False, 0.0)
+        return torch.utils.data.TensorDataset(x, y), DataInfo("mnist5k", 10, [str(i) for i in range(10)], False, 2 / 28)
     p = Path(data)
     if not p.exists():
         raise GpusqError(f"data path not found: {data}")

@@ -25,7 +25,7 @@ DEMO_KWARGS = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10
                "num_heads": 3, "mlp_ratio": 2.0, "global_pool": "avg", "class_token": False}
 
 
-def run_demo(out: str | Path = "gpusq-demo", teacher_epochs: float = 20, stage1_epochs: float = 3,
+def run_demo(out: str | Path = "gpusq-demo", teacher_epochs: float = 40, stage1_epochs: float = 3,
              stage2_epochs: float = 2, batch_size: int = 64, seed: int = 0, progress: bool = True,
              device: torch.device | None = None) -> dict:
     out = Path(out)
@@ -72,7 +72,7 @@ def format_table(summary: dict) -> str:
 def cli_main(argv: list[str], prog: str = "gpusq demo", command: str = "demo") -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="gpusq-demo")
-    ap.add_argument("--teacher-epochs", type=float, default=20)
+    ap.add_argument("--teacher-epochs", type=float, default=40)
     ap.add_argument("--stage1-epochs", type=float, default=3)
     ap.add_argument("--stage2-epochs", type=float, default=2)
     ap.add_argument("--seed", type=int, default=0)
