@@ -156,3 +156,23 @@ def test_nan_loss_stops_with_message(teacher_dir, tmp_path):
         compress(teacher, recipe, DataOptions("mnist5k", workers=0, batch_size=64), tmp_path / "x",
                  model_name=name, model_kwargs=kw, progress=False, device=torch.device("cpu"))
     assert not (tmp_path / "x" / "model.safetensors").exists()
+
+
+def test_standard_transforms_for_imagenet_size_models(tmp_path):
+    from gpusq.data import cache_in_memory
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (180, 200, 3), dtype=np.uint8)).save(tmp_path / split / c / "x.png")
+    tr, info = build_dataset(str(tmp_path), "train", (3, 128, 128))
+    assert not info.flip and info.crop_pad == 0  # the workers augment, not the device
+    torch.manual_seed(0)
+    a, b = tr.load(0), tr.load(0)
+    assert a.shape == (3, 128, 128) and not torch.equal(a, b)  # RandomResizedCrop
+    assert cache_in_memory(tr) is tr  # random transforms are never frozen into a cache
+    va, _ = build_dataset(str(tmp_path), "val", (3, 128, 128))
+    assert torch.equal(va.load(0), va.load(0))  # Resize + CenterCrop: deterministic
+    small, info_small = build_dataset(str(tmp_path), "train", (3, 32, 32))
+    assert info_small.flip and small.transform is None  # CIFAR-size: whole image, device pad-crop

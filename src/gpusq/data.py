@@ -45,10 +45,12 @@ class ImageFiles(torch.utils.data.Dataset):
     """A list of (file, label) read from a directory or a zip; decoded in ``__getitem__``."""
 
     def __init__(self, source: str, files: list[tuple[str, int]], classes: list[str], size: tuple[int, int, int],
-                 zip_path: str | None = None, skip_bad: bool = False):
+                 zip_path: str | None = None, skip_bad: bool = False, transform=None, random_transform: bool = False):
         self.source, self.files, self.classes = source, files, classes
         self.chans, self.h, self.w = size
         self.zip_path, self.skip_bad = zip_path, skip_bad
+        # a torchvision transform PIL → PIL at the model size (standard ImageNet-style crops)
+        self.transform, self.random_transform = transform, random_transform
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid = -1
 
@@ -68,6 +70,8 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             with self._open(name) as im:
                 im = im.convert("L" if self.chans == 1 else "RGB")
+                if self.transform is not None:
+                    im = self.transform(im)
                 if im.size != (self.w, self.h):
                     im = im.resize((self.w, self.h), Image.BILINEAR)
                 arr = np.asarray(im, dtype=np.uint8)
@@ -213,12 +217,37 @@ def build_dataset(data: str, split: str, size: tuple[int, int, int], skip_bad: b
             raise GpusqError(f"data path {data} is a file but not a .zip")
         entries, label = _zip_split(p, split)
         files, classes = _class_files(entries, label)
-        ds = ImageFiles(label, files, classes, size, zip_path=str(p), skip_bad=skip_bad)
     else:
-        root = _split_dir(p, split)
-        files, classes = _class_files(_scan_dir(root), str(root))
-        ds = ImageFiles(str(root), files, classes, size, skip_bad=skip_bad)
+        label = str(_split_dir(p, split))
+        files, classes = _class_files(_scan_dir(Path(label)), label)
+    tf = standard_transform(split, size)
+    ds = ImageFiles(label, files, classes, size, zip_path=str(p) if p.is_file() else None, skip_bad=skip_bad,
+                    transform=tf, random_transform=tf is not None and split == "train")
+    if tf is not None:  # the workers augment (RandomResizedCrop + flip); nothing more on the device
+        return ds, DataInfo(p.stem, len(classes), classes, False, 0.0)
     return ds, DataInfo(p.stem, len(classes), classes, True)
+
+
+STANDARD_MIN_SIZE = 128
+
+
+def standard_transform(split: str, size: tuple[int, int, int]):
+    """ImageNet-style transforms for models of >= 128 px input (None below: CIFAR-size images
+    are resized whole and augmented on the device with pad-and-crop + flip).
+
+    train: RandomResizedCrop(size, scale=(0.08, 1)) + RandomHorizontalFlip (timm/torchvision
+    defaults); eval: Resize(size / 0.875) + CenterCrop(size) (timm's ``crop_pct`` 0.875).
+    """
+    _, h, w = size
+    if min(h, w) < STANDARD_MIN_SIZE:
+        return None
+    from torchvision import transforms as T
+
+    if split == "train":
+        return T.Compose([T.RandomResizedCrop((h, w), scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                          T.RandomHorizontalFlip()])
+    return T.Compose([T.Resize(int(round(min(h, w) / 0.875)), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop((h, w))])
 
 
 def _resize_u8(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
@@ -231,9 +260,12 @@ def _resize_u8(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     return x.contiguous()
 
 
-def cache_in_memory(ds) -> torch.utils.data.TensorDataset:
-    """Decode every image once (for small datasets: CIFAR-size sets fit in tens of MB)."""
-    if isinstance(ds, torch.utils.data.TensorDataset):
+def cache_in_memory(ds) -> torch.utils.data.Dataset:
+    """Decode every image once (for small datasets: CIFAR-size sets fit in tens of MB).
+
+    A dataset with random per-image transforms is returned as is (caching would freeze them).
+    """
+    if isinstance(ds, torch.utils.data.TensorDataset) or getattr(ds, "random_transform", False):
         return ds
     loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=min(8, os.cpu_count() or 1),
                                          collate_fn=collate_skip_bad)
