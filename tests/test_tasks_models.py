@@ -114,3 +114,42 @@ def test_feature_kd_hooks(model):
     fc1 = model.get_submodule("backbone.body.layers_0.blocks.0.mlp.fc1")
     assert fc1.weight.grad is not None and fc1.weight.grad.abs().sum() > 0
     assert all(hs.features[n].shape == ht.features[n].shape for n in names)
+
+
+def test_upernet_swin_compress_train_step():
+    pytest.importorskip("transformers")
+    from gpusq.tasks.models import SEGMENTATION_FEATURES, SEGMENTATION_INCLUDE, create_segmentation_model
+
+    with pytest.raises(GpusqError, match="unknown segmentation model 'upernet'"):
+        create_segmentation_model("upernet")
+    torch.manual_seed(0)
+    m = create_segmentation_model("upernet_swin_test", num_labels=4)
+    teacher = copy.deepcopy(m).eval()
+    expected = {n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and n.startswith("backbone.")
+                and ".blocks." in n}
+    assert len(expected) >= 16  # 4 stages x 1 block x (attention projections + 2 MLP linears)
+    x = torch.rand(2, 3, SIZE, SIZE)
+    y = torch.randint(0, 4, (2, SIZE, SIZE))
+    recipe = load_recipe("int8")
+    sel = sparsify_(m, SparsityConfig(include=SEGMENTATION_INCLUDE))
+    assert set(sel.selected) == expected and not sel.skipped
+    quantize_(m, recipe.quant)
+    calibrate(m, lambda mm: mm(pixel_values=x))
+    assert not any(isinstance(mod, CompressedLayer) for n, mod in m.named_modules() if not n.startswith("backbone."))
+    names = feature_layers(m, SEGMENTATION_FEATURES)
+    assert len(names) == 4
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    with FeatureHooks(m, names) as hs, FeatureHooks(teacher, names) as ht:
+        with torch.no_grad():
+            teacher(pixel_values=x)
+        out = m(pixel_values=x, labels=y)
+        feat = sum(feature_loss(hs.features[n], ht.features[n]) for n in names)
+    assert out.logits.shape == (2, 4, SIZE, SIZE) and float(feat.detach()) > 0
+    (out.loss + feat).backward()
+    opt.step()
+    ok = check_2to4(m)
+    assert set(ok) == expected and all(ok.values())
+    m.eval()
+    with torch.no_grad():
+        assert m(pixel_values=torch.rand(1, 3, 80, 96)).logits.shape == (1, 4, 80, 96)

@@ -1,4 +1,5 @@
-"""Dense-prediction models built offline (no weight downloads): Mask R-CNN on a Swin + FPN backbone.
+"""Dense-prediction models built offline (no weight downloads): Mask R-CNN on a Swin + FPN backbone
+(torchvision + timm) and UPerNet-Swin (transformers).
 
 The backbone is timm's Swin (``features_only``, ``strict_img_size=False`` so any image size that
 torchvision's transform produces is accepted), its four NHWC stage outputs turned NCHW and fed to
@@ -80,6 +81,51 @@ def _maskrcnn_swin_test(num_classes: int = 11, **kw: Any) -> nn.Module:
                 image_mean=(0.1307,) * 3, image_std=(0.3081,) * 3, rpn_batch_size_per_image=64,
                 box_batch_size_per_image=64, box_detections_per_img=20)
     return maskrcnn_swin(num_classes, **{**base, **kw})
+
+
+# UPerNet-Swin (transformers): every Linear inside a backbone Swin block (q/k/v/o projections and the
+# MLP; named differently across transformers versions, hence the loose tail). The UPerNet head is convs.
+SEGMENTATION_INCLUDE = (r"(^|\.)backbone\.(.+\.)?blocks\.\d+\..+",)
+SEGMENTATION_FEATURES = r"(^|\.)backbone\.(.+\.)?blocks\.\d+$"
+
+
+def upernet_swin(num_labels: int, img_size: int = 512, embed_dim: int = 96, depths: tuple[int, ...] = (2, 2, 6, 2),
+                 num_heads: tuple[int, ...] = (3, 6, 12, 24), window_size: int = 7, hidden_size: int = 512,
+                 auxiliary_head: bool = True) -> nn.Module:
+    """transformers' ``UperNetForSemanticSegmentation`` with a randomly initialised Swin backbone.
+
+    ``model(pixel_values=x, labels=y)`` returns the loss (cross entropy, ignore index 255) and
+    logits at the input resolution.
+    """
+    try:
+        from transformers import SwinConfig, UperNetConfig, UperNetForSemanticSegmentation
+    except ImportError:
+        raise GpusqError("UPerNet needs the 'transformers' package (pip install 'gpusq[dense]')") from None
+    backbone = SwinConfig(image_size=img_size, patch_size=4, num_channels=3, embed_dim=embed_dim, depths=list(depths),
+                          num_heads=list(num_heads), window_size=window_size,
+                          out_features=[f"stage{i + 1}" for i in range(len(depths))])
+    cfg = UperNetConfig(backbone_config=backbone, hidden_size=hidden_size, num_labels=num_labels,
+                        use_auxiliary_head=auxiliary_head, auxiliary_in_channels=embed_dim * 2 ** (len(depths) - 2),
+                        auxiliary_channels=hidden_size // 2)
+    return UperNetForSemanticSegmentation(cfg)
+
+
+def _upernet_swin_test(num_labels: int = 11, **kw: Any) -> nn.Module:
+    base = dict(img_size=64, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4, hidden_size=32)
+    return upernet_swin(num_labels, **{**base, **kw})
+
+
+SEGMENTATION_MODELS = {"upernet_swin_t": lambda num_labels=150, **kw: upernet_swin(num_labels, **kw),
+                       "upernet_swin_test": _upernet_swin_test}
+
+
+def create_segmentation_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a semantic-segmentation model by name (random init); one-line GpusqError for an unknown name."""
+    if name not in SEGMENTATION_MODELS:
+        near = close_matches(name, SEGMENTATION_MODELS)
+        raise GpusqError(f"unknown segmentation model {name!r}" + (f"; did you mean: {near}?" if near else "")
+                         + f" (known: {', '.join(SEGMENTATION_MODELS)})")
+    return SEGMENTATION_MODELS[name](**kwargs)
 
 
 DETECTION_MODELS = {"maskrcnn_swin_t": _maskrcnn_swin_t, "maskrcnn_swin_test": _maskrcnn_swin_test}
