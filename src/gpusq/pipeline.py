@@ -381,6 +381,14 @@ def _device(a) -> torch.device | None:
 
 
 def cli_main(argv: list[str], prog: str, command: str) -> int:
+    if any(a == "--task" or a.startswith("--task=") for a in argv):  # dense-prediction tasks (issue 6)
+        from gpusq.tasks.pipeline import cli_main as task_cli_main
+        from gpusq.tasks.pipeline import split_task_arg
+
+        task, rest = split_task_arg(argv)
+        if task != "classification":
+            return task_cli_main(argv, prog, command)
+        argv = rest
     try:
         return _cli_main(argv, prog, command)
     finally:
