@@ -158,3 +158,54 @@ def test_bad_inputs(tmp_path):
     ann.write_text(json.dumps(coco))
     with pytest.raises(GpusqError, match="unknown category_id 3"):
         CocoDetection(ann)
+
+
+def test_segmentation_folder_and_eval(canvas, tmp_path):
+    from torch import nn
+
+    from gpusq.tasks.metrics import evaluate_segmentation
+    from gpusq.tasks.segdata import SegmentationFolder
+
+    ds = SegmentationFolder(canvas)
+    assert len(ds) == 12
+    img, lab = ds[3]
+    assert img.shape == (3, 64, 64) and lab.shape == (64, 64) and lab.dtype == torch.int64
+    sem = np.asarray(Image.open(canvas / "labels" / "00004.png"))
+    np.testing.assert_array_equal(lab.numpy(), sem)
+
+    class Threshold(nn.Module):
+        """Class 1 where the pixel is brighter than half, else background: a fixed, known predictor."""
+
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            g = x[:, :1] - 0.5
+            return torch.cat([-g, g, torch.full((x.shape[0], 9, *x.shape[2:]), -1e4)], 1)
+
+    got = evaluate_segmentation(Threshold(), ds, num_classes=11)
+    inter, union, correct, total = np.zeros(11), np.zeros(11), 0, 0
+    for f in sorted((canvas / "images").iterdir()):
+        pred = (np.asarray(Image.open(f)) / 255.0 > 0.5).astype(int)
+        t = np.asarray(Image.open(canvas / "labels" / f.name)).astype(int)
+        correct += (pred == t).sum()
+        total += t.size
+        for c in range(11):
+            inter[c] += ((pred == c) & (t == c)).sum()
+            union[c] += ((pred == c) | (t == c)).sum()
+    assert got["images"] == 12
+    assert got["pixel_acc"] == pytest.approx(correct / total)
+    assert got["miou"] == pytest.approx((inter[union > 0] / union[union > 0]).mean())
+
+    # a label PNG whose size differs from its image; an image without a label
+    bad = tmp_path / "bad"
+    (bad / "images").mkdir(parents=True)
+    (bad / "labels").mkdir()
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(bad / "images" / "a.png")
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(bad / "labels" / "a.png")
+    with pytest.raises(GpusqError, match="label a.png is 20x20 but image a.png is 20x30"):
+        SegmentationFolder(bad)[0]
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(bad / "images" / "b.png")
+    with pytest.raises(GpusqError, match=r"1 image\(s\) in .* have no label PNG in .*: b.png"):
+        SegmentationFolder(bad)

@@ -130,3 +130,26 @@ def segmentation_metrics(mat: torch.Tensor) -> dict[str, float]:
         "pixel_acc": float(tp.sum() / total) if total > 0 else 0.0,
         "iou_per_class": [None if v != v else float(v) for v in iou.tolist()],
     }
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: torch.nn.Module, ds, num_classes: int, ignore_index: int | None = 255,
+                          device: torch.device | None = None) -> dict[str, float]:
+    """mIoU / pixel accuracy of a model returning per-pixel logits (``[B, K, H, W]``, or an object
+    with ``.logits`` as transformers' UPerNet) over ``ds`` items ``(image, label)``, one image at a time
+    (sizes may differ)."""
+    device = device or next(model.parameters()).device
+    was = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    for i in range(len(ds)):
+        img, lab = ds[i]
+        out = model(img.unsqueeze(0).to(device))
+        logits = getattr(out, "logits", out)
+        if logits.shape[-2:] != lab.shape:
+            logits = torch.nn.functional.interpolate(logits, size=lab.shape, mode="bilinear", align_corners=False)
+        cm.update(logits.argmax(1)[0], lab)
+    model.train(was)
+    out = cm.compute()
+    out["images"] = len(ds)
+    return out
