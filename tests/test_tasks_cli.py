@@ -58,7 +58,9 @@ def test_task_errors_are_one_line(data, tmp_path, capsys):
         (["eval", "--task", "detecton", "--checkpoint", str(tmp_path), "--data", str(data / "val")],
          "unknown task 'detecton'; did you mean: detection"),
         (["eval", "--task", "segmentation", "--checkpoint", str(tmp_path), "--data", str(data / "val")],
-         "--task segmentation is not available from the CLI yet"),
+         "is not a gpusq segmentation output directory"),
+        (["train", "--task", "detection", "--model", "maskrcnn_swin_test", "--batch-size", "64",
+          "--data", str(data / "val"), "--out", str(tmp_path / "o")], "fewer images (6) than one batch (64)"),
         (["eval", "--task", "detection", "--checkpoint", str(tmp_path), "--data", str(data / "val")],
          "is not a gpusq detection output directory"),
         (["train", "--task", "detection", "--model", "maskrcnn_swin_x", "--data", str(data / "val"),
@@ -80,3 +82,24 @@ def test_classification_task_is_the_default_path(capsys):
         main(["eval", "--task", "classification", "--help"])
     assert e.value.code == 0
     assert "Top-1/top-5" in capsys.readouterr().out
+
+
+def test_segmentation_train_compress_eval(data, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    t, c = tmp_path / "teacher", tmp_path / "int8"
+    common = ["--task", "segmentation", "--data", str(data / "train"), "--val-data", str(data / "val"),
+              "--batch-size", "4", "--json"]
+    assert main(["train", "--model", "upernet_swin_test", "--epochs", "1", "--out", str(t), *common]) == 0
+    dense = _json_out(capsys)["metrics"]
+    assert dense["images"] == 6 and 0 <= dense["miou"] <= 1 and 0 <= dense["pixel_acc"] <= 1
+    assert main(["compress", "--teacher", str(t), "--set", "train.stage1.epochs=1", "--set", "train.stage2.epochs=1",
+                 "--set", "train.calib_batches=1", "--out", str(c), *common]) == 0
+    rep = _json_out(capsys)
+    assert len(rep["compressed_layers"]) >= 16
+    assert all(n.startswith("backbone.") and ".blocks." in n for n in rep["compressed_layers"])
+    state = load_file(str(c / "model.safetensors"))
+    assert all(is_2to4(state[f"{n}.weight"]) for n in rep["compressed_layers"])
+    assert main(["eval", "--task", "segmentation", "--checkpoint", str(c), "--data", str(data / "val"), "--json"]) == 0
+    ev = _json_out(capsys)
+    assert ev["miou"] == pytest.approx(rep["metrics"]["miou"], abs=1e-9)
+    assert ev["pixel_acc"] == pytest.approx(rep["metrics"]["pixel_acc"], abs=1e-9)
