@@ -3,5 +3,9 @@
 * ``mnist_canvas``: builder of a small real-data detection / segmentation set (MNIST digits on canvases).
 * ``coco``: COCO-format dataset (instances json + image folder) with one-line errors on bad input.
 * ``metrics``: COCO bbox / segm mAP (pycocotools) and mIoU / pixel accuracy.
-* ``models``: Mask R-CNN with a Swin + FPN backbone, built offline, and the layer patterns that compress it.
+* ``segdata``: ADE20K-style folders (``images/`` + ``labels/`` PNGs).
+* ``models``: Mask R-CNN (Swin + FPN) and UPerNet-Swin, built offline, and the layer patterns that compress them.
+* ``pipeline``: ``gpusq train|compress|eval --task detection|segmentation``.
+
+See docs/tasks.md for what exists and what is still missing.
 """
