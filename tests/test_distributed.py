@@ -5,13 +5,12 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from gpusq import distributed as D
 from gpusq.data import Batches, random_crop_flip
+from tests.helpers import make_colour_folder
 
 KW = "img_size=16,patch_size=4,num_classes=4,embed_dim=32,depth=1,num_heads=2"
 
@@ -26,17 +25,7 @@ def _torchrun(n: int, args: list[str], cwd) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """Colour images of 4 classes (mean colour = class), so flips/crops (augmentation) are exercised."""
-    root = tmp_path_factory.mktemp("colours")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 32), ("val", 10)):
-        for c in range(4):
-            d = root / split / f"c{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                base = np.array([60 * c, 255 - 60 * c, 128], dtype=np.float64)
-                img = np.clip(base + rng.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.png")
-    return root
+    return make_colour_folder(tmp_path_factory.mktemp("colours"), 0, {"train": 32, "val": 10})
 
 
 def test_single_process_helpers_are_noops():

@@ -8,32 +8,21 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from gpusq.data import Batches
 from gpusq.pipeline import DataOptions, train_dense
 from gpusq.recipes import StageConfig
 from gpusq.train import load_latest_state, prev_path, train_stage
+from tests.helpers import make_colour_folder
 
 KWD = dict(img_size=16, patch_size=4, num_classes=4, embed_dim=32, depth=2, num_heads=2)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("colours")
-    rng = np.random.default_rng(1)
-    for split, n in (("train", 32), ("val", 8)):
-        for c in range(4):
-            d = root / split / f"c{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                base = np.array([60 * c, 255 - 60 * c, 128], dtype=np.float64)
-                img = np.clip(base + rng.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.png")
-    return root
+    return make_colour_folder(tmp_path_factory.mktemp("colours"), 1, {"train": 32, "val": 8})
 
 
 @pytest.fixture(scope="module")
