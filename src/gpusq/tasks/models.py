@@ -119,22 +119,23 @@ SEGMENTATION_MODELS = {"upernet_swin_t": lambda num_labels=150, **kw: upernet_sw
                        "upernet_swin_test": _upernet_swin_test}
 
 
+def _build(registry: dict, kind: str, name: str, kwargs: dict) -> nn.Module:
+    """Build ``name`` from ``registry`` (random init); one-line GpusqError for an unknown name."""
+    if name not in registry:
+        near = close_matches(name, registry)
+        raise GpusqError(f"unknown {kind} model {name!r}" + (f"; did you mean: {near}?" if near else "")
+                         + f" (known: {', '.join(registry)})")
+    return registry[name](**kwargs)
+
+
 def create_segmentation_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a semantic-segmentation model by name (random init); one-line GpusqError for an unknown name."""
-    if name not in SEGMENTATION_MODELS:
-        near = close_matches(name, SEGMENTATION_MODELS)
-        raise GpusqError(f"unknown segmentation model {name!r}" + (f"; did you mean: {near}?" if near else "")
-                         + f" (known: {', '.join(SEGMENTATION_MODELS)})")
-    return SEGMENTATION_MODELS[name](**kwargs)
+    """Build a semantic-segmentation model by name (random init)."""
+    return _build(SEGMENTATION_MODELS, "segmentation", name, kwargs)
 
 
 DETECTION_MODELS = {"maskrcnn_swin_t": _maskrcnn_swin_t, "maskrcnn_swin_test": _maskrcnn_swin_test}
 
 
 def create_detection_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a detection model by name (random init); one-line GpusqError for an unknown name."""
-    if name not in DETECTION_MODELS:
-        near = close_matches(name, DETECTION_MODELS)
-        raise GpusqError(f"unknown detection model {name!r}" + (f"; did you mean: {near}?" if near else "")
-                         + f" (known: {', '.join(DETECTION_MODELS)})")
-    return DETECTION_MODELS[name](**kwargs)
+    """Build a detection model by name (random init)."""
+    return _build(DETECTION_MODELS, "detection", name, kwargs)
