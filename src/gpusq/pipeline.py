@@ -231,12 +231,12 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
         stage1_from = stage1_dir  # stage 1 finished before the interruption
     if stage1_from is not None:
         state, _info, _r = read_compressed_dir(stage1_from)
-        build_compressed(student, {k: v for k, v in state.items()}, recipe, source=str(stage1_from))
+        s1_file = Path(stage1_from) / "stage1.json"
+        if any(k.endswith((".weight_scale", ".input_scale")) for k in state) or not s1_file.is_file():
+            raise GpusqError(f"{stage1_from} is not a stage-1 (sparse, unquantized) output directory")
+        build_compressed(student, state, recipe, source=str(stage1_from))
         student.to(device)
-        for layer in student.modules():
-            if getattr(layer, "weight_quant", None) is not None or getattr(layer, "input_quant", None) is not None:
-                raise GpusqError(f"{stage1_from} is not a stage-1 (sparse, unquantized) model")
-        s1 = json.loads((Path(stage1_from) / "stage1.json").read_text())
+        s1 = json.loads(s1_file.read_text())
         hist1 = s1.get("history", [])
         distortion = s1["distortion"]
     else:
