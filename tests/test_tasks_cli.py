@@ -39,8 +39,12 @@ def test_train_compress_eval(data, tmp_path, capsys):
     assert len(layers) == 16 and all(n.startswith("backbone.body.layers_") and ".blocks." in n for n in layers)
     full = json.loads((c / "report.json").read_text())
     assert full["check_2to4"] is True and set(full["layer_weights"]) == set(full["distill"]["feature_layers"])
-    assert sum(full["layer_weights"].values()) == pytest.approx(4.0)  # w_l sum to the number of blocks
-    assert "feat" in full["stage1_losses"] and "feat" in full["stage2_losses"]
+    # feature KD taps: the 4 Swin blocks and the 4 FPN outputs; w_l sum to the number of taps
+    assert sum(1 for n in full["layer_weights"] if ".fpn." in n) == 4
+    assert sum(full["layer_weights"].values()) == pytest.approx(8.0)
+    for stage in ("stage1_losses", "stage2_losses"):  # feature KD and RoI class-logit KD both ran
+        assert full[stage]["feat"] > 0 and full[stage]["soft"] > 0, full[stage]
+    assert "RoI" in full["distill"]["logit"]
     state = load_file(str(c / "model.safetensors"))
     for n in layers:
         assert is_2to4(state[f"{n}.weight"]) and f"{n}.weight_scale" in state and f"{n}.input_scale" in state
@@ -51,6 +55,30 @@ def test_train_compress_eval(data, tmp_path, capsys):
     ev = _json_out(capsys)
     assert ev["bbox_map"] == pytest.approx(rep["metrics"]["bbox_map"], abs=1e-9)
     assert ev["segm_map"] == pytest.approx(rep["metrics"]["segm_map"], abs=1e-9)
+
+
+def test_teacher_weights_file_with_model(data, tmp_path, capsys):
+    """A user's own checkpoint (a state-dict file) + --model NAME is a valid teacher."""
+    import torch
+
+    from gpusq.tasks.models import create_detection_model
+
+    torch.manual_seed(0)
+    m = create_detection_model("maskrcnn_swin_test", num_classes=11)
+    torch.save(m.state_dict(), tmp_path / "mine.pth")
+    common = ["--task", "detection", "--data", str(data / "val"), "--batch-size", "3", "--json",
+              "--set", "train.stage1.epochs=1", "--set", "train.stage2.epochs=1", "--set", "train.calib_batches=1"]
+    assert main(["compress", "--teacher", str(tmp_path / "mine.pth"), "--recipe", "sparse",
+                 "--model", "maskrcnn_swin_test", "--out", str(tmp_path / "c"), *common]) == 0
+    assert len(_json_out(capsys)["compressed_layers"]) == 16
+    bad = [(["--model", "maskrcnn_swin_t"], "does not match maskrcnn_swin_t"),
+           ([], "is a weights file: name its architecture with --model"),
+           (["--model", "upernet_swin_test"], "unknown detection model 'upernet_swin_test'")]
+    for extra, msg in bad:
+        assert main(["compress", "--teacher", str(tmp_path / "mine.pth"), "--out", str(tmp_path / "d"),
+                     *extra, *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
 
 
 def test_task_errors_are_one_line(data, tmp_path, capsys):
@@ -99,6 +127,9 @@ def test_segmentation_train_compress_eval(data, tmp_path, capsys):
     assert all(n.startswith("backbone.") and ".blocks." in n for n in rep["compressed_layers"])
     state = load_file(str(c / "model.safetensors"))
     assert all(is_2to4(state[f"{n}.weight"]) for n in rep["compressed_layers"])
+    full = json.loads((c / "report.json").read_text())
+    for stage in ("stage1_losses", "stage2_losses"):  # feature KD and per-pixel logit KD both ran
+        assert full[stage]["feat"] > 0 and full[stage]["soft"] > 0, full[stage]
     assert main(["eval", "--task", "segmentation", "--checkpoint", str(c), "--data", str(data / "val"), "--json"]) == 0
     ev = _json_out(capsys)
     assert ev["miou"] == pytest.approx(rep["metrics"]["miou"], abs=1e-9)

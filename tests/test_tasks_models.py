@@ -94,7 +94,8 @@ def test_feature_kd_hooks(model):
     images, _ = _batch(seed=1)
     teacher = copy.deepcopy(model).eval()
     names = feature_layers(model, DETECTION_FEATURES)
-    assert names == [f"backbone.body.layers_{i}.blocks.0" for i in range(4)]
+    assert names == ([f"backbone.body.layers_{i}.blocks.0" for i in range(4)]
+                     + [f"backbone.fpn.layer_blocks.{i}" for i in range(4)])  # Swin blocks, then FPN outputs
     sparsify_(model, SparsityConfig(include=DETECTION_INCLUDE))
 
     # The identical teacher gives zero distortion; the pruned student a positive one per block.

@@ -22,8 +22,8 @@ from gpusq.errors import GpusqError, close_matches
 
 # The backbone's transformer-block linears, whatever prefix wraps them ("backbone.body.layers_0.blocks.1.mlp.fc1").
 DETECTION_INCLUDE = (r"(^|\.)backbone\.body\.(.+\.)?blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$",)
-# Feature KD taps: the outputs of the backbone's transformer blocks.
-DETECTION_FEATURES = r"(^|\.)backbone\.body\.(.+\.)?blocks\.\d+$"
+# Feature KD taps: the outputs of the backbone's transformer blocks and of the FPN (its output convs P2-P5).
+DETECTION_FEATURES = r"(^|\.)backbone\.(body\.(.+\.)?blocks\.\d+|fpn\.layer_blocks\.\d+)$"
 
 SWIN_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7)
 # For tests and the CPU smoke runs: one block per stage, 32-wide.

@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import yaml
 from torch import nn
 
 from gpusq.checkpoint import atomic_write, atomic_write_text, load_compressed, save_compressed
-from gpusq.distill import FeatureHooks, feature_layers, feature_loss, layer_weights_from_distortion
+from gpusq.distill import FeatureHooks, feature_layers, feature_loss, layer_weights_from_distortion, soft_loss
 from gpusq.errors import GpusqError, close_matches
 from gpusq.models import parse_model_kwargs
 from gpusq.quant import calibrate, quantize_
@@ -41,10 +42,10 @@ from gpusq.tasks.metrics import coco_map, detections_to_coco, evaluate_segmentat
 from gpusq.tasks.models import (
     DETECTION_FEATURES,
     DETECTION_INCLUDE,
+    DETECTION_MODELS,
     SEGMENTATION_FEATURES,
     SEGMENTATION_INCLUDE,
-    create_detection_model,
-    create_segmentation_model,
+    SEGMENTATION_MODELS,
 )
 from gpusq.tasks.segdata import SegmentationFolder
 
@@ -94,21 +95,34 @@ def pad_collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class Task:
-    """What differs between tasks; the GPUSQ stages themselves are shared."""
+    """What differs between model families of a task; the GPUSQ stages themselves are shared.
 
-    name: str
+    KD protocol (``train_task``): ``losses(student, batch)`` returns the task (hard) losses; keys
+    starting with ``_`` are not losses but what the student computed that logit KD needs (class
+    logits, proposals, matched queries). ``teacher_features(teacher, batch)`` runs the teacher on
+    the same input (its feature hooks fill) and returns what logit KD needs from it.
+    ``logit_kd(teacher, batch, captures, teacher_out, T)`` returns the T^2-scaled KL term.
+    """
+
+    name: str  # the task: detection | segmentation
+    family: str  # maskrcnn | detr | upernet
+    models: dict[str, Callable[..., nn.Module]]  # model name -> builder (random init)
     include: tuple[str, ...]
     features: str
-    create: Callable[..., nn.Module]
     load_data: Callable[[str], Any]
     collate: Callable
     to_device: Callable
-    losses: Callable  # (model in train mode, batch) -> dict of loss tensors
-    teacher_features: Callable  # (teacher, batch) -> None; fills the teacher's feature hooks
+    losses: Callable  # (model in train mode, batch) -> dict of loss tensors (+ "_" captures)
+    teacher_features: Callable  # (teacher, batch) -> teacher output for logit KD; fills feature hooks
     evaluate: Callable  # (model, dataset, batch_size, device) -> metrics
     data_info: Callable  # dataset -> dict stored in task.yaml
     check_kwargs: Callable  # (dataset, model kwargs) -> model kwargs
     summary: Callable  # metrics -> one line
+    logit_kd: Callable | None = None  # (teacher, batch, captures, teacher_out, T) -> loss tensor
+    dense_layers: str = ""  # what stays dense, for the report
+
+    def create(self, name: str, **kwargs: Any) -> nn.Module:
+        return self.models[name](**kwargs)
 
 
 def _det_to(batch, device):
@@ -116,15 +130,45 @@ def _det_to(batch, device):
     return [i.to(device) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
 
 
-def _det_teacher(teacher: nn.Module, batch) -> None:
-    """Run the teacher's backbone on the student's exact input (its transform is deterministic)."""
+def _maskrcnn_losses(model: nn.Module, batch) -> dict[str, torch.Tensor]:
+    """torchvision's Mask R-CNN losses, plus (for logit KD) the RoIs its box head classified and the
+    class logits it gave them: captured by hooks on ``roi_heads.box_roi_pool`` / ``box_predictor``."""
+    cap: dict[str, Any] = {}
+
+    def pre(_m, args):
+        cap["_proposals"], cap["_image_shapes"] = [p.detach() for p in args[1]], args[2]
+
+    def post(_m, _args, out):
+        cap["_class_logits"] = out[0]
+
+    h1 = model.roi_heads.box_roi_pool.register_forward_pre_hook(pre)
+    h2 = model.roi_heads.box_predictor.register_forward_hook(post)
+    try:
+        losses = model(*batch)
+    finally:
+        h1.remove()
+        h2.remove()
+    return {**losses, **cap}
+
+
+def _maskrcnn_teacher(teacher: nn.Module, batch) -> Any:
+    """The teacher's backbone + FPN on the student's exact input (the transform is deterministic)."""
     tensors, _ = teacher.transform(batch[0])
-    teacher.backbone(tensors.tensors)
+    return teacher.backbone(tensors.tensors)
+
+
+def _maskrcnn_logit_kd(teacher: nn.Module, batch, cap: dict[str, Any], t_feats: Any, temp: float) -> torch.Tensor:
+    """KL between the teacher's and the student's class distributions on the student's sampled RoIs:
+    the teacher's box head classifies the same boxes, on its own FPN features."""
+    rh = teacher.roi_heads
+    with torch.no_grad():
+        t_logits = rh.box_predictor(rh.box_head(rh.box_roi_pool(t_feats, cap["_proposals"], cap["_image_shapes"])))[0]
+    return soft_loss(cap["_class_logits"], t_logits, temp)
 
 
 def _det_eval(model: nn.Module, ds: CocoDetection, batch_size: int, device: torch.device) -> dict[str, float]:
     results, ids = [], []
-    for images, targets in _loader(DETECTION, ds, batch_size, False, 0, drop_last=False):
+    for images, targets in _loader(MASKRCNN, ds, batch_size, False, 0, drop_last=False):
         images, _ = _det_to((images, targets), device)
         img_ids = [int(t["image_id"]) for t in targets]
         results += detections_to_coco(model(images), img_ids, ds.label_to_cat)
@@ -148,7 +192,20 @@ def _seg_losses(model: nn.Module, batch) -> dict[str, torch.Tensor]:
     bad = (y != 255) & ((y < 0) | (y >= k))
     if bool(bad.any()):
         raise GpusqError(f"label value {int(y[bad][0])} is outside [0, {k - 1}] (num_labels={k}; 255 = ignore)")
-    return {"loss_seg": model(pixel_values=x, labels=y).loss}
+    out = model(pixel_values=x, labels=y)
+    return {"loss_seg": out.loss, "_logits": out.logits}
+
+
+def _seg_logit_kd(teacher: nn.Module, batch, cap: dict[str, Any], t_logits: torch.Tensor, temp: float) -> torch.Tensor:
+    """Per-pixel T^2 KL(teacher || student) over the labelled pixels (padding, label 255, excluded)."""
+    s = cap["_logits"].float().permute(0, 2, 3, 1)
+    t = t_logits.float().permute(0, 2, 3, 1)
+    valid = batch[1] != 255
+    return soft_loss(s[valid], t[valid], temp)
+
+
+def _seg_kwargs(ds: SegmentationFolder, kwargs: dict[str, Any]) -> dict[str, Any]:
+    return dict(kwargs)
 
 
 def _seg_eval(model: nn.Module, ds: SegmentationFolder, batch_size: int, device: torch.device) -> dict[str, float]:
@@ -157,22 +214,45 @@ def _seg_eval(model: nn.Module, ds: SegmentationFolder, batch_size: int, device:
     return m
 
 
-DETECTION = Task(
-    name="detection", include=DETECTION_INCLUDE, features=DETECTION_FEATURES, create=create_detection_model,
-    load_data=coco_dir, collate=collate_list, to_device=_det_to,
-    losses=lambda m, b: m(*b), teacher_features=_det_teacher, evaluate=_det_eval,
+MASKRCNN = Task(
+    name="detection", family="maskrcnn", models=DETECTION_MODELS, include=DETECTION_INCLUDE,
+    features=DETECTION_FEATURES, load_data=coco_dir, collate=collate_list, to_device=_det_to,
+    losses=_maskrcnn_losses, teacher_features=_maskrcnn_teacher, evaluate=_det_eval,
     data_info=lambda ds: {"label_to_cat": ds.label_to_cat}, check_kwargs=_det_kwargs,
     summary=lambda m: f"bbox mAP {m['bbox_map']:.4f}  segm mAP {m['segm_map']:.4f}",
+    logit_kd=_maskrcnn_logit_kd,
+    dense_layers="everything outside the backbone's transformer blocks (patch embedding, patch merging, "
+                 "FPN, RPN and RoI heads)",
 )
-SEGMENTATION = Task(
-    name="segmentation", include=SEGMENTATION_INCLUDE, features=SEGMENTATION_FEATURES,
-    create=create_segmentation_model, load_data=seg_dir, collate=pad_collate,
+UPERNET = Task(
+    name="segmentation", family="upernet", models=SEGMENTATION_MODELS, include=SEGMENTATION_INCLUDE,
+    features=SEGMENTATION_FEATURES, load_data=seg_dir, collate=pad_collate,
     to_device=lambda b, d: (b[0].to(d), b[1].to(d)), losses=_seg_losses,
-    teacher_features=lambda t, b: t(pixel_values=b[0]), evaluate=_seg_eval, data_info=lambda ds: {},
-    check_kwargs=lambda ds, kw: dict(kw),
-    summary=lambda m: f"mIoU {m['miou']:.4f}  pixel acc {m['pixel_acc']:.4f}",
+    teacher_features=lambda t, b: t(pixel_values=b[0]).logits, evaluate=_seg_eval, data_info=lambda ds: {},
+    check_kwargs=_seg_kwargs, summary=lambda m: f"mIoU {m['miou']:.4f}  pixel acc {m['pixel_acc']:.4f}",
+    logit_kd=_seg_logit_kd,
+    dense_layers="everything outside the backbone's transformer blocks (patch embedding, patch merging, "
+                 "UPerNet decode and auxiliary heads)",
 )
-TASK_SPECS = {"detection": DETECTION, "segmentation": SEGMENTATION}
+FAMILIES: list[Task] = [MASKRCNN, UPERNET]
+
+
+def register_family(spec: Task) -> None:
+    """Add a model family (its models become valid ``--model`` names for ``spec.name``)."""
+    FAMILIES.append(spec)
+
+
+def task_spec(task: str, model: str) -> Task:
+    """The family spec that builds ``model`` for ``task``; one-line error naming the known models."""
+    check_task(task)
+    specs = [f for f in FAMILIES if f.name == task]
+    for f in specs:
+        if model in f.models:
+            return f
+    known = [m for f in specs for m in f.models]
+    near = close_matches(model, known)
+    raise GpusqError(f"unknown {task} model {model!r}" + (f"; did you mean: {near}?" if near else "")
+                     + f" (known: {', '.join(known)})")
 
 
 def _loader(task: Task, ds, batch_size: int, shuffle: bool, seed: int, drop_last: bool) -> torch.utils.data.DataLoader:
@@ -196,16 +276,21 @@ def evaluate_task(task: Task, model: nn.Module, ds, batch_size: int = 8,
 
 def evaluate_detection(model: nn.Module, ds: CocoDetection, batch_size: int = 8,
                        device: torch.device | None = None) -> dict[str, float]:
-    return evaluate_task(DETECTION, model, ds, batch_size, device)
+    return evaluate_task(MASKRCNN, model, ds, batch_size, device)
 
 
 def train_task(task: Task, model: nn.Module, ds, cfg: StageConfig, *, seed: int = 0,
                teacher: nn.Module | None = None, feature_names: list[str] | None = None,
-               layer_weights: dict[str, float] | None = None, alpha: float = 1.0, gamma: float = 0.0,
-               device: torch.device | None = None, desc: str = "train") -> dict[str, float]:
+               layer_weights: dict[str, float] | None = None, alpha: float = 1.0, beta: float = 0.0,
+               gamma: float = 0.0, temperature: float = 1.0, device: torch.device | None = None,
+               desc: str = "train") -> dict[str, float]:
     """AdamW + cosine over ``cfg.epochs``; loss = alpha * (sum of the model's task losses)
-    + gamma * sum_l w_l * MSE(student block l, teacher block l). Returns the last epoch's mean losses."""
+    + beta * logit KD (``task.logit_kd``) + gamma * sum_l w_l * MSE(student layer l, teacher layer l).
+    Prints one line per epoch to stderr; returns the last epoch's mean losses."""
     device = device or next(model.parameters()).device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     loader = _loader(task, ds, cfg.batch_size, True, seed, drop_last=True)
     if len(loader) == 0:
         raise GpusqError(f"{desc}: the data has fewer images ({len(ds)}) than one batch ({cfg.batch_size}); "
@@ -214,28 +299,36 @@ def train_task(task: Task, model: nn.Module, ds, cfg: StageConfig, *, seed: int 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total, eta_min=cfg.min_lr)
-    kd = teacher is not None and gamma > 0 and bool(feature_names)
-    names = feature_names or []
+    feat_kd = teacher is not None and gamma > 0 and bool(feature_names)
+    logit_kd = teacher is not None and beta > 0 and task.logit_kd is not None
+    names = (feature_names or []) if feat_kd else []
     weights = layer_weights or {}
     model.train()
     if teacher is not None:
         teacher.eval()
     sums: dict[str, float] = {}
-    step, count = 0, 0
-    with FeatureHooks(model, names if kd else []) as hs, FeatureHooks(teacher or model, names if kd else []) as ht:
+    step, count, epoch, t0 = 0, 0, 0, time.perf_counter()
+    with FeatureHooks(model, names) as hs, FeatureHooks(teacher or model, names) as ht:
         while step < total:
             sums, count = {}, 0
             for batch in loader:
                 batch = task.to_device(batch, device)
-                losses = task.losses(model, batch)
+                out = task.losses(model, batch)
+                captures = {k: v for k, v in out.items() if k.startswith("_")}
+                losses = {k: v for k, v in out.items() if not k.startswith("_")}
                 loss = alpha * sum(losses.values())
                 parts = {k: float(v.detach()) for k, v in losses.items()}
-                if kd:
+                if feat_kd or logit_kd:
                     with torch.no_grad():
-                        task.teacher_features(teacher, batch)
+                        t_out = task.teacher_features(teacher, batch)
+                if feat_kd:
                     feat = sum(weights.get(n, 1.0) * feature_loss(hs.features[n], ht.features[n]) for n in names)
                     loss = loss + gamma * feat
                     parts["feat"] = float(feat.detach())
+                if logit_kd:
+                    soft = task.logit_kd(teacher, batch, captures, t_out, temperature)
+                    loss = loss + beta * soft
+                    parts["soft"] = float(soft.detach())
                 if not torch.isfinite(loss):
                     raise GpusqError(f"{desc}: the loss became {float(loss)} at step {step}; lower the learning rate")
                 opt.zero_grad(set_to_none=True)
@@ -250,6 +343,11 @@ def train_task(task: Task, model: nn.Module, ds, cfg: StageConfig, *, seed: int 
                 step += 1
                 if step >= total:
                     break
+            epoch += 1
+            mean = {k: v / max(count, 1) for k, v in sums.items()}
+            print(f"{desc}: epoch {epoch}/{math.ceil(cfg.epochs)} step {step}/{total} "
+                  + " ".join(f"{k} {v:.4f}" for k, v in mean.items()) + f" ({time.perf_counter() - t0:.0f}s)",
+                  file=sys.stderr, flush=True)
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
@@ -290,7 +388,7 @@ def load_task_dir(path: str | Path, task: str, device: torch.device | None = Non
     info = yaml.safe_load(info_file.read_text()) or {}
     if info.get("task") != task:
         raise GpusqError(f"{info_file} is for task {info.get('task')!r}, not {task}")
-    model = TASK_SPECS[task].create(info["model"], **info.get("model_kwargs", {}))
+    model = task_spec(task, info["model"]).create(info["model"], **info.get("model_kwargs", {}))
     if info.get("compressed"):
         model, _, _ = load_compressed(d, model=model)
     else:
@@ -317,7 +415,7 @@ def train_dense_task(task: str, model_name: str, model_kwargs: dict[str, Any], d
     """Train a dense model (a teacher) and write ``DIR/model.safetensors`` + ``task.yaml`` + ``report.json``."""
     from safetensors.torch import save_file
 
-    t = TASK_SPECS[task]
+    t = task_spec(task, model_name)
     device = device or torch.device("cpu")
     ds = t.load_data(data)
     val = t.load_data(val_data) if val_data else ds
@@ -343,18 +441,67 @@ def train_dense_detection(model_name: str, model_kwargs: dict[str, Any], data: s
     return train_dense_task("detection", model_name, model_kwargs, data, out, **kw)
 
 
+def load_teacher(task: str, teacher: str | Path, model: str | None = None, model_kwargs: dict[str, Any] | None = None,
+                 data_ds: Any = None, device: torch.device | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The dense teacher: a ``gpusq train --task`` directory, or the user's own weights file
+    (``.safetensors`` / ``.pt`` / ``.pth`` state dict) of the model named ``model``."""
+    from gpusq.models import load_state_file
+
+    p = Path(teacher)
+    if p.is_dir():
+        m, info = load_task_dir(p, task, device)
+        if model and model != info["model"]:
+            raise GpusqError(f"--model {model} but the teacher in {p} is a {info['model']}")
+        if info.get("compressed"):
+            raise GpusqError(f"{teacher} is already compressed; pass the dense teacher")
+        return m, info
+    if not p.exists():
+        raise GpusqError(f"teacher {p} does not exist (a gpusq train --task output directory or a weights file)")
+    if not model:
+        raise GpusqError(f"teacher {p} is a weights file: name its architecture with --model")
+    t = task_spec(task, model)
+    kw = t.check_kwargs(data_ds, model_kwargs or {})
+    m = t.create(model, **kw)
+    state = load_state_file(p)
+    own = m.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shape:
+        first = (shape and f"{shape[0]}: {tuple(state[shape[0]].shape)} vs {tuple(own[shape[0]].shape)}") \
+            or (missing + unexpected)[0]
+        raise GpusqError(f"{p} does not match {model}{_kw_text(kw)}: {len(missing)} missing, {len(unexpected)} "
+                         f"unexpected, {len(shape)} of another shape (e.g. {first})")
+    m.load_state_dict(state)
+    m.eval()
+    if device is not None:
+        m.to(device)
+    return m, {"task": task, "format": TASK_FORMAT, "model": model, "model_kwargs": kw, "compressed": False,
+               **t.data_info(data_ds)}
+
+
+def _kw_text(kw: dict[str, Any]) -> str:
+    return f" ({', '.join(f'{k}={v}' for k, v in kw.items())})" if kw else ""
+
+
 def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str, out: str | Path, *,
+                  model: str | None = None, model_kwargs: dict[str, Any] | None = None,
                   val_data: str | None = None, batch_size: int | None = None, seed: int = 0,
                   device: torch.device | None = None) -> dict[str, Any]:
-    """GPUSQ stages 1 and 2 on a dense model of ``task``; writes the compressed model + ``report.json``."""
-    t = TASK_SPECS[task]
+    """GPUSQ stages 1 and 2 on a dense model of ``task``; writes the compressed model + ``report.json``.
+
+    ``teacher_dir``: a ``gpusq train --task`` directory, or a weights file of ``model``.
+    Stage 1: 2:4 + task losses + feature KD (+ logit KD) from the dense teacher. Stage 2: quantize,
+    calibrate, QAT with the same losses from the stage-1 model, feature terms weighted by stage-1 distortion.
+    """
+    check_task(task)
     device = device or torch.device("cpu")
-    teacher, info = load_task_dir(teacher_dir, task, device)
-    if info.get("compressed"):
-        raise GpusqError(f"{teacher_dir} is already compressed; pass the dense teacher")
-    ds = t.load_data(data)
+    probe = next(f for f in FAMILIES if f.name == task)
+    ds = probe.load_data(data)
+    teacher, info = load_teacher(task, teacher_dir, model, model_kwargs, ds, device)
+    t = task_spec(task, info["model"])
     val = t.load_data(val_data) if val_data else ds
-    if task == "detection" and ds.label_to_cat != {int(k): v for k, v in info["label_to_cat"].items()}:
+    if "label_to_cat" in info and ds.label_to_cat != {int(k): v for k, v in info["label_to_cat"].items()}:
         raise GpusqError(f"the categories of {data} differ from the teacher's ({teacher_dir})")
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -364,6 +511,7 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
         s1 = StageConfig(**{**s1.__dict__, "batch_size": batch_size})
         s2 = StageConfig(**{**s2.__dict__, "batch_size": batch_size})
     teacher_metrics = evaluate_task(t, teacher, val, s1.batch_size, device)
+    print(f"teacher: {t.summary(teacher_metrics)}", file=sys.stderr, flush=True)
 
     student = copy.deepcopy(teacher)
     for p in student.parameters():
@@ -373,9 +521,9 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
                                             exclude=list(recipe.sparsity.exclude)))
     if not sel.selected:
         raise GpusqError(f"no layer of {info['model']} matches the {task} compression patterns")
+    kd = dict(alpha=c.alpha, beta=c.beta, gamma=c.gamma, temperature=c.temperature, device=device)
     torch.manual_seed(seed)
-    stage1 = train_task(t, student, ds, s1, seed=seed, teacher=teacher, feature_names=names, alpha=c.alpha,
-                        gamma=c.gamma, device=device, desc="stage 1")
+    stage1 = train_task(t, student, ds, s1, seed=seed, teacher=teacher, feature_names=names, desc="stage 1", **kd)
     distortion = _distortion(t, student, teacher, ds, names, recipe.train.calib_batches, s1.batch_size, device)
     weights = layer_weights_from_distortion(distortion, c.layer_weighting)
     stage2: dict[str, float] = {}
@@ -388,7 +536,7 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
                  if k < recipe.train.calib_batches]
         calibrate(student, lambda m: [t.teacher_features(m, b) for b in calib])
         stage2 = train_task(t, student, ds, s2, seed=seed + 1, teacher=sparse_teacher, feature_names=names,
-                            layer_weights=weights, alpha=c.alpha, gamma=c.gamma, device=device, desc="stage 2")
+                            layer_weights=weights, desc="stage 2", **kd)
     student.eval()
     metrics = evaluate_task(t, student, val, s1.batch_size, device)
     ok = check_2to4(student)
@@ -399,18 +547,24 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
     save_compressed(student, out, recipe, info["model"], info["model_kwargs"])
     _write_task_info(out, {**info, "compressed": True, "recipe": recipe.name})
     report = {
-        "task": task, "model": info["model"], "recipe": recipe.name,
+        "task": task, "model": info["model"], "family": t.family, "recipe": recipe.name,
         "metrics": metrics, "teacher_metrics": teacher_metrics,
-        "compressed_layers": sel.selected, "skipped_layers": sel.skipped,
-        "dense_layers": "everything outside the backbone's transformer blocks (patch embedding, patch merging, "
-                        + ("FPN, RPN and RoI heads)" if task == "detection" else "UPerNet decode and auxiliary heads)"),
+        "compressed_layers": sel.selected, "skipped_layers": sel.skipped, "dense_layers": t.dense_layers,
         "distill": {"hard": "the model's task losses", "feature_layers": names,
-                    "logit": "not implemented yet (distill.beta unused)"},
+                    "logit": (LOGIT_KD_DOC.get(t.family, "none") if c.beta > 0 else "off (distill.beta = 0)"),
+                    "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma, "temperature": c.temperature},
         "layer_distortion": distortion, "layer_weights": weights,
         "stage1_losses": stage1, "stage2_losses": stage2, "check_2to4": bool(all(ok.values())),
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     return report
+
+
+LOGIT_KD_DOC = {
+    "maskrcnn": "KL on the RoI box head's class logits, teacher head on the student's sampled RoIs",
+    "upernet": "per-pixel KL on the segmentation logits (labelled pixels)",
+    "detr": "KL on the class logits of the queries matched to the ground truth",
+}
 
 
 def compress_detection(teacher_dir: str | Path, recipe: Recipe, data: str, out: str | Path, **kw: Any) -> dict:
@@ -428,21 +582,24 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--json", action="store_true")
 
 
+def _models_help() -> str:
+    return "; ".join(f"{task}: {' | '.join(m for f in FAMILIES if f.name == task for m in f.models)}"
+                     for task in TASKS[1:])
+
+
 def cli_main(argv: list[str], prog: str, command: str) -> int:
     """``gpusq train|compress|eval --task detection|segmentation ...`` (dispatched by ``gpusq.pipeline``)."""
     ap = argparse.ArgumentParser(prog=prog)
     _common(ap)
     if command == "train":
-        ap.add_argument("--model", required=True,
-                        help="detection: maskrcnn_swin_t | maskrcnn_swin_test; "
-                             "segmentation: upernet_swin_t | upernet_swin_test")
+        ap.add_argument("--model", required=True, help=_models_help())
         ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
         ap.add_argument("--val-data", default=None)
         ap.add_argument("--epochs", type=float, default=10)
         ap.add_argument("--lr", type=float, default=1e-3)
         ap.add_argument("--out", required=True)
         a = ap.parse_args(argv)
-        t = TASK_SPECS[check_task(a.task)]
+        t = task_spec(check_task(a.task), a.model)
         cfg = StageConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size or 8, min_lr=a.lr * 0.01)
         rep = train_dense_task(t.name, a.model, parse_model_kwargs(a.model_arg), a.data, a.out, val_data=a.val_data,
                                cfg=cfg, seed=a.seed, device=_device(a))
@@ -450,30 +607,39 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
               else f"{t.summary(rep['metrics'])}; dense {t.name} model written to {a.out}")
         return 0
     if command == "compress":
-        ap.add_argument("--teacher", required=True, help="a gpusq train --task TASK output dir")
+        ap.add_argument("--teacher", required=True,
+                        help="the dense model: a gpusq train --task TASK output dir, or a weights file "
+                             "(.safetensors/.pt/.pth state dict) of --model")
+        ap.add_argument("--model", default=None, help="architecture of a --teacher weights file: " + _models_help())
+        ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
         ap.add_argument("--val-data", default=None)
         ap.add_argument("--recipe", default="int8")
         ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         ap.add_argument("--out", required=True)
         a = ap.parse_args(argv)
-        t = TASK_SPECS[check_task(a.task)]
+        task = check_task(a.task)
+        if a.model:
+            task_spec(task, a.model)
         overrides: dict = {}
         for s in a.set:
             overrides = _merge(overrides, parse_override(s))
         recipe = load_recipe(a.recipe, overrides)
-        rep = compress_task(t.name, a.teacher, recipe, a.data, a.out, val_data=a.val_data, batch_size=a.batch_size,
-                            seed=a.seed, device=_device(a))
+        rep = compress_task(task, a.teacher, recipe, a.data, a.out, model=a.model,
+                            model_kwargs=parse_model_kwargs(a.model_arg), val_data=a.val_data,
+                            batch_size=a.batch_size, seed=a.seed, device=_device(a))
+        t = task_spec(task, rep["model"])
         if a.json:
             print(json.dumps({k: rep[k] for k in ("metrics", "teacher_metrics", "compressed_layers")}))
         else:
             print(f"teacher {t.summary(rep['teacher_metrics'])}  →  {recipe.name} {t.summary(rep['metrics'])}; "
-                  f"{len(rep['compressed_layers'])} backbone layers compressed; written to {a.out}")
+                  f"{len(rep['compressed_layers'])} layers compressed; written to {a.out}")
         return 0
     if command == "eval":
         ap.add_argument("--checkpoint", required=True)
         a = ap.parse_args(argv)
-        t = TASK_SPECS[check_task(a.task)]
-        model, _ = load_task_dir(a.checkpoint, t.name, _device(a))
+        task = check_task(a.task)
+        model, info = load_task_dir(a.checkpoint, task, _device(a))
+        t = task_spec(task, info["model"])
         m = evaluate_task(t, model, t.load_data(a.data), a.batch_size or 8)
         print(json.dumps(m) if a.json else f"{t.summary(m)}  ({m['images']} images)", file=sys.stdout)
         return 0
@@ -481,7 +647,9 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
 
 
 def _device(a) -> torch.device:
-    return torch.device(a.device) if a.device else torch.device("cpu")
+    if a.device:
+        return torch.device(a.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def split_task_arg(argv: list[str]) -> tuple[str | None, list[str]]:
