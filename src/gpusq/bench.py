@@ -11,6 +11,12 @@ Variants (all with CUDA graphs, so launch overhead is out of every number):
   by ``torch.compile`` exactly as in the gpusq path): the strongest dense FP8 we can build;
 * ``gpusq``      the deployed compressed model (``gpusq.deploy``) for ``--recipe``.
 
+Detection and segmentation models (``maskrcnn_swin_t``, ``upernet_swin_t``, ...; see
+``gpusq.tasks.models``) are measured in two parts: ``NAME:backbone`` (the Swin backbone, where the
+compressed GEMMs are, from a CUDA graph) and ``NAME:whole`` (the whole model: UPerNet from a CUDA
+graph; Mask R-CNN eagerly, its backbone replaying the variant's graph and the rest, with its
+data-dependent NMS / RoI sampling, under bf16 autocast, fp32 for the fp32/tf32 variants).
+
 Weights are random (timm init), pruned 2:4 and calibrated on random images for the compressed
 variants: speed does not depend on trained weights. Latency at small batch and throughput at
 large batch are medians of repeated CUDA-event timings of graph replays after warm-up.
@@ -44,6 +50,20 @@ def _parse_batches(text: str) -> list[int]:
     return out
 
 
+def _parse_hw(text: str | None) -> tuple[int, int] | None:
+    from gpusq.errors import GpusqError
+
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise GpusqError(f"--input-size must be H,W (two integers), got {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise GpusqError(f"--input-size must be positive, got {text!r}")
+    return h, w
+
+
 def build_parser(prog: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +71,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                     help="timm model name(s), comma-separated (default deit_base_patch16_224)")
     ap.add_argument("--model-args", action="append", default=[], metavar="K=V[,K=V]",
                     help="timm create_model keyword arguments")
+    ap.add_argument("--input-size", default=None, metavar="H,W",
+                    help="image size for detection/segmentation models (default 800,1344 for Mask R-CNN, "
+                         "512,512 for UPerNet)")
     ap.add_argument("--recipe", default="int8",
                     help="recipe of the gpusq variant (int8, int4, fp8, sparse, a YAML)")
     ap.add_argument("--batch", default="1,256", help="batch sizes, comma-separated (default 1,256)")
@@ -71,6 +94,92 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------
 # building the variants
 # ------------------------------------------------------------------------------------------------
+# Detection / segmentation models: compress what ``gpusq compress --task`` compresses (the Linears of
+# the backbone's transformer blocks; patch embedding and merging stay dense).
+TASK_SPARSITY_INCLUDE = (r"(^|\.)blocks\.\d+\.",)
+
+
+def _task_model(name: str, hw: tuple[int, int] | None):
+    """(base module timed from a CUDA graph, (C, H, W), part label, extra-part timer factory) for a
+    detection/segmentation model name, or None for a timm name."""
+    import torch
+    from torch import nn
+
+    from gpusq.tasks.models import DETECTION_MODELS, SEGMENTATION_MODELS
+
+    if name in DETECTION_MODELS:
+        h, w = hw or (800, 1344)
+        det = DETECTION_MODELS[name](img_size=(h, w), min_size=min(h, w), max_size=max(h, w),
+                                     box_score_thresh=0.0).eval()  # 100 detections/image reach the mask head
+        return det.backbone.body, (3, h, w), "backbone", ("whole", _maskrcnn_whole(det, h, w))
+    if name in SEGMENTATION_MODELS:
+        h, w = hw or (512, 512)
+        if h != w:
+            from gpusq.errors import GpusqError
+
+            raise GpusqError(f"UPerNet-Swin is benchmarked at square sizes, got {h}x{w}")
+        seg = SEGMENTATION_MODELS[name](img_size=h).eval()
+
+        class Logits(nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.seg = m
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.seg(pixel_values=x).logits
+
+        return Logits(seg), (3, h, w), "whole", ("backbone", _upernet_backbone)
+    return None
+
+
+def _maskrcnn_whole(det, h: int, w: int):
+    """Timer of the whole Mask R-CNN for one variant: its backbone body replays that variant's graph."""
+    import torch
+    from torch import nn
+
+    class Replay(nn.Module):
+        def __init__(self, runner):
+            super().__init__()
+            self.runner = runner
+
+        def forward(self, x):
+            return self.runner(x)
+
+    def timer(var, runner, batch: int, min_time: float, reps: int) -> dict:
+        det.to("cuda")
+        body = det.backbone.body
+        det.backbone.body = Replay(runner)
+        bf16 = var.name not in ("fp32", "tf32")
+        imgs = [[torch.rand(3, h, w, device="cuda") for _ in range(batch)] for _ in range(2)]
+
+        def call(images):
+            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+                return det(images)
+
+        try:
+            return time_runner(call, imgs, min_time, reps)
+        finally:
+            det.backbone.body = body
+
+    return timer
+
+
+def _upernet_backbone(var, runner, batch: int, min_time: float, reps: int) -> dict:
+    """Timer of UPerNet's Swin backbone alone, from a graph of the variant's (already compiled) model."""
+
+    from gpusq.deploy.graphs import GraphRunner
+
+    m = var.deployed.model if var.deployed is not None else var.model
+    dt = var.deployed.input_dtype if var.deployed is not None else var.dtype
+    x = runner.static_in
+
+    def fn(inp):
+        return tuple(m.seg.backbone(inp.to(dt)).feature_maps)
+
+    g = GraphRunner(fn, x)
+    return time_runner(g, [x], min_time, reps)
+
+
 def _calibrated(model, recipe_quant, batch_x, sparse: bool, sparsity=None):
     from gpusq.quant import calibrate, quantize_
     from gpusq.sparsity import select_layers, sparsify_
@@ -296,6 +405,7 @@ def cli_main(argv: list[str], prog: str = "gpusq bench", command: str = "bench")
     from gpusq.deploy import check_gpu, searched_algs
     from gpusq.models import create_model, model_input_size, parse_model_kwargs
     from gpusq.recipes import load_recipe
+    from gpusq.sparsity import SparsityConfig
 
     check_gpu()
     import torch
@@ -307,12 +417,24 @@ def cli_main(argv: list[str], prog: str = "gpusq bench", command: str = "bench")
     profiles: dict = {}
     kernels: dict = {}
     setup: dict = {}
+    hw = _parse_hw(args.input_size)
     for model_name in [m.strip() for m in args.model.split(",") if m.strip()]:
-        base = create_model(model_name, **kwargs).eval()
-        size = model_input_size(base)
+        task = _task_model(model_name, hw)
+        extra = None
+        rec = recipe
+        if task is not None:
+            base, size, part, extra = task
+            label = f"{model_name}:{part}"
+            rec = copy.deepcopy(recipe)
+            rec.sparsity = SparsityConfig(pattern=recipe.sparsity.pattern, include=list(TASK_SPARSITY_INCLUDE),
+                                          exclude=list(recipe.sparsity.exclude))
+        else:
+            base = create_model(model_name, **kwargs).eval()
+            size = model_input_size(base)
+            label = model_name
         for vname in variants:
-            print(f"[{model_name}] building {vname} ...", file=sys.stderr, flush=True)
-            var = Variant(vname, base, args, recipe, size)
+            print(f"[{label}] building {vname} ...", file=sys.stderr, flush=True)
+            var = Variant(vname, base, args, rec, size)
             setup[f"{model_name}/{vname}"] = {"build_s": var.setup_s}
             for b in batches:
                 xs = [torch.randn(b, *size, device="cuda") for _ in range(2)]
@@ -325,22 +447,30 @@ def cli_main(argv: list[str], prog: str = "gpusq bench", command: str = "bench")
                     continue
                 setup[f"{model_name}/{vname}"][f"capture_s_b{b}"] = time.perf_counter() - t0
                 t = time_runner(runner, xs, args.min_time, args.reps)
-                row = {"model": model_name, "variant": vname, "batch": b, **t, "img_s": b / t["ms"] * 1e3}
+                row = {"model": label, "variant": vname, "batch": b, **t, "img_s": b / t["ms"] * 1e3}
                 rows.append(row)
-                print(f"[{model_name}] {vname:<13} batch {b:>4}: {t['ms']:.3f} ms  {row['img_s']:.0f} img/s",
+                print(f"[{label}] {vname:<13} batch {b:>4}: {t['ms']:.3f} ms  {row['img_s']:.0f} img/s",
                       file=sys.stderr, flush=True)
+                if extra is not None:
+                    part2, timer = extra
+                    t2 = timer(var, runner, b, args.min_time, args.reps)
+                    row2 = {"model": f"{model_name}:{part2}", "variant": vname, "batch": b, **t2,
+                            "img_s": b / t2["ms"] * 1e3}
+                    rows.append(row2)
+                    print(f"[{model_name}:{part2}] {vname:<13} batch {b:>4}: {t2['ms']:.3f} ms  "
+                          f"{row2['img_s']:.0f} img/s", file=sys.stderr, flush=True)
                 if args.profile and b == max(batches):
                     var._set_tf32()
-                    profiles[f"{model_name}/{vname}/b{b}"] = p = profile(fn, xs[0])
+                    profiles[f"{label}/{vname}/b{b}"] = p = profile(fn, xs[0])
                     p["graph_ms"] = t["ms"]
                 del runner, fn
             if var.deployed is not None:
-                kernels[f"{model_name}/{vname}"] = var.deployed.kernel_report()
+                kernels[f"{label}/{vname}"] = var.deployed.kernel_report()
             del var
             torch.cuda.empty_cache()
         if len(args.model.split(",")) > 1:  # each model's table as soon as it is done
             add_ratios(rows)
-            print(format_table([r for r in rows if r["model"] == model_name]) + "\n", flush=True)
+            print(format_table([r for r in rows if r["model"].split(":")[0] == model_name]) + "\n", flush=True)
     add_ratios(rows)
     print(format_table(rows))
     if profiles:
