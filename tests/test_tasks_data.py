@@ -81,6 +81,27 @@ def test_builder_cli(tmp_path, capsys):
     assert "error: --n must be >= 1" in capsys.readouterr().err
 
 
+def test_builder_digit_splits_are_disjoint(tmp_path, monkeypatch):
+    """A val set built from the test digits shares no MNIST image with a train set built from the train digits."""
+    from gpusq.tasks import mnist_canvas
+
+    used: dict[str, set[bytes]] = {}
+    real = mnist_canvas.make_canvas
+
+    def spy(rng, pool, labels, size, max_digits, **kw):
+        used.setdefault(key, set()).update(d.tobytes() for d in pool)
+        return real(rng, pool, labels, size, max_digits, **kw)
+
+    monkeypatch.setattr(mnist_canvas, "make_canvas", spy)
+    for key in ("train", "test"):
+        mnist_canvas.build_mnist_canvas(tmp_path / key, n=2, size=48, digits=key)
+    assert len(used["train"]) > 3000 and len(used["test"]) > 900
+    assert not used["train"] & used["test"]
+    assert "digits=test" in (tmp_path / "test" / "instances.json").read_text()
+    with pytest.raises(GpusqError, match="--digits must be one of"):
+        mnist_canvas.build_mnist_canvas(tmp_path / "x", n=2, digits="val")
+
+
 def test_coco_dataset_targets(canvas):
     ds = CocoDetection(canvas / "instances.json")
     assert len(ds) == 12 and ds.num_classes == 11

@@ -60,24 +60,38 @@ def make_canvas(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray
     return canvas, placed
 
 
-def build_mnist_canvas(out: str | Path, n: int = 500, size: int = 96, max_digits: int = 4, seed: int = 0) -> dict:
-    """Write ``n`` canvases to ``out`` (see the module docstring); returns a summary dict."""
+DIGIT_SPLITS = ("all", "train", "test")
+
+
+def build_mnist_canvas(out: str | Path, n: int = 500, size: int = 96, max_digits: int = 4, seed: int = 0,
+                       digits: str = "all") -> dict:
+    """Write ``n`` canvases to ``out`` (see the module docstring); returns a summary dict.
+
+    ``digits``: which MNIST-5k images are pasted: ``all``, or the fixed ``train`` (4,000) / ``test``
+    (1,000) split of ``gpusq.data.mnist5k_split``, so that a validation set built from ``test``
+    shares no digit image with a training set built from ``train``."""
+    if digits not in DIGIT_SPLITS:
+        raise GpusqError(f"--digits must be one of {', '.join(DIGIT_SPLITS)}, got {digits!r}")
     if n < 1:
         raise GpusqError(f"--n must be >= 1, got {n}")
     if size < 28:
         raise GpusqError(f"--size must be >= 28 (an MNIST digit is 28x28), got {size}")
     if max_digits < 1:
         raise GpusqError(f"--max-digits must be >= 1, got {max_digits}")
-    from gpusq.data import load_mnist5k
+    from gpusq.data import load_mnist5k, mnist5k_split
 
-    digits, labels = load_mnist5k()
+    if digits == "all":
+        pool, labels = load_mnist5k()
+    else:
+        x, y = mnist5k_split(digits)
+        pool, labels = x[:, 0].numpy(), y.numpy()
     rng = np.random.default_rng(seed)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     images, anns = [], []
     for img_id in range(1, n + 1):
-        canvas, placed = make_canvas(rng, digits, labels, size, max_digits)
+        canvas, placed = make_canvas(rng, pool, labels, size, max_digits)
         sem = np.zeros((size, size), np.uint8)
         fname = f"{img_id:05d}.png"
         for digit, mask, _box in placed:
@@ -92,7 +106,8 @@ def build_mnist_canvas(out: str | Path, n: int = 500, size: int = 96, max_digits
         Image.fromarray(canvas, mode="L").save(out / "images" / fname)
         Image.fromarray(sem, mode="L").save(out / "labels" / fname)
         images.append({"id": img_id, "file_name": fname, "width": size, "height": size})
-    coco = {"info": {"description": f"MNIST-canvas n={n} size={size} max_digits={max_digits} seed={seed}"},
+    desc = f"MNIST-canvas n={n} size={size} max_digits={max_digits} seed={seed} digits={digits}"
+    coco = {"info": {"description": desc},
             "images": images, "annotations": anns, "categories": CATEGORIES}
     atomic_write_text(out / "instances.json", json.dumps(coco))
     return {"images": n, "instances": len(anns), "out": str(out)}
@@ -105,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--max-digits", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--digits", default="all", choices=DIGIT_SPLITS,
+                    help="MNIST-5k images used: all, or the fixed train (4,000) / test (1,000) split")
     a = ap.parse_args(argv)
     try:
-        s = build_mnist_canvas(a.out, a.n, a.size, a.max_digits, a.seed)
+        s = build_mnist_canvas(a.out, a.n, a.size, a.max_digits, a.seed, a.digits)
     except GpusqError as e:
         ap.exit(2, f"{ap.prog}: error: {e}\n")
     print(f"{s['images']} images, {s['instances']} digit instances written to {s['out']}")
