@@ -61,7 +61,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors in the output format above (effective weights + scales)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # one copy per key: safetensors refuses tensors that share memory (tied heads, e.g. Deformable-DETR's)
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     for name, layer in compressed_layers(model).items():
         # quantizer internals are replaced by the explicit scales
         for k in list(state):

@@ -234,7 +234,23 @@ UPERNET = Task(
     dense_layers="everything outside the backbone's transformer blocks (patch embedding, patch merging, "
                  "UPerNet decode and auxiliary heads)",
 )
-FAMILIES: list[Task] = [MASKRCNN, UPERNET]
+
+def _detr_spec() -> Task:
+    """DETR / Deformable-DETR (``gpusq.tasks.detr``): encoder/decoder linears, matched-query logit KD."""
+    from gpusq.tasks import detr
+
+    return Task(
+        name="detection", family="detr", models=detr.DETR_MODELS, include=detr.DETR_INCLUDE,
+        features=detr.DETR_FEATURES, load_data=detr.load_coco, collate=detr.collate, to_device=detr.to_device,
+        losses=detr.losses, teacher_features=detr.teacher_features, evaluate=detr.evaluate,
+        data_info=lambda ds: {"label_to_cat": ds.label_to_cat}, check_kwargs=detr.check_kwargs,
+        summary=lambda m: f"bbox mAP {m['bbox_map']:.4f}", logit_kd=detr.logit_kd,
+        dense_layers="the ResNet backbone, input projection, query embeddings and the class / box heads",
+    )
+
+
+DETR = _detr_spec()
+FAMILIES: list[Task] = [MASKRCNN, UPERNET, DETR]
 
 
 def register_family(spec: Task) -> None:
@@ -427,7 +443,8 @@ def train_dense_task(task: str, model_name: str, model_kwargs: dict[str, Any], d
     metrics = evaluate_task(t, model, val, cfg.batch_size, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # one copy per key: safetensors refuses tensors that share memory (tied heads, e.g. Deformable-DETR's)
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"gpusq_task": task}))
     _write_task_info(out, {"task": task, "format": TASK_FORMAT, "model": model_name, "model_kwargs": kw,
                            "compressed": False, **t.data_info(ds)})
