@@ -158,3 +158,23 @@ def test_quantize_helpers_match_fake_quant_semantics():
     torch.testing.assert_close(q[:2, :4].float() * s, fake_quantize(x, s, "int8", weight=False))
     f = quantize_fp8(x, 1.0 / s, 2, 4)
     torch.testing.assert_close(f.float() * s, fake_quantize(x, s, "fp8_e4m3", weight=False))
+
+
+def test_enable_fused_attention_same_outputs():
+    """Swin's window attention through SDPA (bias + shift mask as attn_mask) computes what timm's
+    explicit path computes; the switch is flipped on every window-attention module."""
+    import copy
+
+    import timm
+
+    from gpusq.deploy import enable_fused_attention
+
+    torch.manual_seed(0)
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=32,
+                          depths=(2, 2), num_heads=(1, 2), window_size=7, num_classes=5).eval()
+    fused = copy.deepcopy(m)
+    assert enable_fused_attention(fused) == 4 and enable_fused_attention(fused) == 0
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        a, b = m(x), fused(x)
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), float((a - b).abs().max())

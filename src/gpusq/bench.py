@@ -83,6 +83,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                     help="torch.compile each transformer block (default; fast to compile) or the whole model")
     ap.add_argument("--fp8-kernel", default="auto", choices=("auto", "sparse", "dense"),
                     help="for --recipe fp8: time 2:4 cuSPARSELt vs dense per shape (auto) or force one")
+    ap.add_argument("--fused-attn", default="on", choices=("on", "off"),
+                    help="attention through SDPA in every variant where timm has the switch (Swin's window "
+                         "attention; default on, as gpusq.deploy does)")
     ap.add_argument("--min-time", type=float, default=0.02, help="seconds per timing sample (default 0.02)")
     ap.add_argument("--reps", type=int, default=15, help="timing samples per measurement (median reported)")
     ap.add_argument("--json", metavar="FILE", help="write all results as JSON")
@@ -227,11 +230,13 @@ class Variant:
                 fp8 = QuantConfig(QuantSpec("fp8_e4m3"), QuantSpec("fp8_e4m3"))
                 fq = _calibrated(src, fp8, calib_x, sparse=False)
                 self.deployed = deploy(fq, None, batch_sizes=(), compile=args.compile_scope,
-                                       fp8_kernel="dense", input_size=input_size)
+                                       fp8_kernel="dense", input_size=input_size,
+                                       fused_attention=args.fused_attn == "on")
             else:
                 fq = _calibrated(src, recipe.quant, calib_x, sparse=recipe.sparse, sparsity=recipe.sparsity)
                 self.deployed = deploy(fq, recipe, batch_sizes=(), compile=args.compile_scope,
-                                       fp8_kernel=args.fp8_kernel, input_size=input_size)
+                                       fp8_kernel=args.fp8_kernel, input_size=input_size,
+                                       fused_attention=args.fused_attn == "on")
             del src, fq
         self.setup_s = time.perf_counter() - t0
 
@@ -402,7 +407,7 @@ def cli_main(argv: list[str], prog: str = "gpusq bench", command: str = "bench")
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise GpusqError(f"unknown variant(s) {', '.join(bad)} (choose from {', '.join(VARIANTS)})")
-    from gpusq.deploy import check_gpu, searched_algs
+    from gpusq.deploy import check_gpu, enable_fused_attention, searched_algs
     from gpusq.models import create_model, model_input_size, parse_model_kwargs
     from gpusq.recipes import load_recipe
     from gpusq.sparsity import SparsityConfig
@@ -432,6 +437,8 @@ def cli_main(argv: list[str], prog: str = "gpusq bench", command: str = "bench")
             base = create_model(model_name, **kwargs).eval()
             size = model_input_size(base)
             label = model_name
+        if args.fused_attn == "on":
+            enable_fused_attention(base)
         for vname in variants:
             print(f"[{label}] building {vname} ...", file=sys.stderr, flush=True)
             var = Variant(vname, base, args, rec, size)

@@ -13,6 +13,8 @@ a ``DeployedModel`` on the GPU:
 * activation quantization is fused by ``torch.compile`` into the op producing the activation
   (LayerNorm, GELU, the attention output transpose), so int8 crosses memory, not bf16;
 * the rest (attention through SDPA, norms, head) runs in bf16 (``recipe.deploy.dense_dtype``);
+  timm modules with a ``fused_attn`` switch (Swin's window attention, off by default in timm)
+  get it turned on, so window attention with its bias + shift mask goes through SDPA too;
 * the whole forward is captured in a CUDA graph per batch size.
 
 Without a suitable GPU (CUDA, compute capability >= 8.0, cuSPARSELt) it raises ``GpusqError``;
@@ -31,7 +33,8 @@ from gpusq.deploy.cusparselt import check_gpu, searched_algs
 from gpusq.deploy.packing import pack_int4, unpack_int4
 from gpusq.errors import GpusqError
 
-__all__ = ["deploy", "DeployedModel", "check_gpu", "pack_int4", "unpack_int4", "layer_codes", "searched_algs"]
+__all__ = ["deploy", "DeployedModel", "enable_fused_attention", "check_gpu", "pack_int4", "unpack_int4",
+           "layer_codes", "searched_algs"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -167,13 +170,28 @@ def _as_model(model_or_dir, recipe):
     return model, recipe
 
 
+def enable_fused_attention(model: nn.Module) -> int:
+    """Turn on timm's ``fused_attn`` (SDPA) wherever a module has the switch; returns how many.
+
+    timm's Swin leaves it off ("experimental"): its window attention is then two explicit batched
+    matmuls with the bias/mask softmax between them, on alignment-1 kernels for 49-token windows.
+    Through SDPA the same math runs in one fused kernel (bias and mask as ``attn_mask``)."""
+    n = 0
+    for m in model.modules():
+        if getattr(m, "fused_attn", None) is False:
+            m.fused_attn = True
+            n += 1
+    return n
+
+
 def deploy(model_or_dir, recipe=None, batch_sizes=(1,), *, input_size: tuple[int, int, int] | None = None,
            compile: str = "blocks", cuda_graphs: bool = True, fp8_kernel: str = "auto",
-           device: torch.device | None = None) -> DeployedModel:
+           fused_attention: bool = True, device: torch.device | None = None) -> DeployedModel:
     """Build the inference module (see the module docstring).
 
     ``compile``: ``blocks`` (each transformer block compiled once and reused), ``model`` (one graph)
-    or ``none``. ``fp8_kernel`` (also used for un-quantized 2:4 layers): ``auto`` times cuSPARSELt
+    or ``none``. ``fused_attention``: attention through SDPA wherever timm has the switch (see
+    ``enable_fused_attention``). ``fp8_kernel`` (also used for un-quantized 2:4 layers): ``auto`` times cuSPARSELt
     2:4 against the dense kernel per shape; ``sparse`` / ``dense`` force one.
     """
     from gpusq.deploy.modules import DeployedLinear, DeployedPatchEmbed
@@ -192,6 +210,8 @@ def deploy(model_or_dir, recipe=None, batch_sizes=(1,), *, input_size: tuple[int
                          "first)")
     dense_dtype = DTYPES[recipe.deploy.dense_dtype] if recipe is not None else torch.bfloat16
     model = copy.deepcopy(model).eval()
+    if fused_attention:
+        enable_fused_attention(model)
     layers = compressed_layers(model)
     new: dict[str, nn.Module] = {}
     for name, layer in layers.items():
