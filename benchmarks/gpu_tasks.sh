@@ -13,9 +13,11 @@ OUT=${OUT:-/tmp/gpusq-tasks}
 D=${DATA:-.carry/canvas}
 mkdir -p "$OUT" "$GPUSQ_CACHE_DIR"
 cp -n .carry/cslt_algs.json "$GPUSQ_CACHE_DIR/" 2>/dev/null
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "install failed"; exit 1; }
-python3 -c "import pycocotools" 2>/dev/null \
-  || python3 -m pip install -q --no-deps --no-index --find-links .carry/wheels pycocotools >/dev/null 2>&1
+if [ -z "$SKIP_INSTALL" ]; then
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "install failed"; exit 1; }
+  python3 -c "import pycocotools" 2>/dev/null \
+    || python3 -m pip install -q --no-deps --no-index --find-links .carry/wheels pycocotools >/dev/null 2>&1
+fi
 python3 -c "import torch, transformers, timm; print('torch', torch.__version__, 'transformers', transformers.__version__, 'timm', timm.__version__)"
 
 DET_EPOCHS=${DET_EPOCHS:-24}; SEG_EPOCHS=${SEG_EPOCHS:-24}; S1=${S1:-4}; S2=${S2:-4}; BS=${BS:-16}
