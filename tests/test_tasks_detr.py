@@ -148,7 +148,7 @@ def test_matcher_is_the_losss():
     w = torch.ones(m.config.num_labels + 1)
     w[-1] = m.config.eos_coefficient
     ce = F.cross_entropy(out.logits.transpose(1, 2), target, w)
-    assert float(ce) == pytest.approx(float(out.loss_dict["loss_ce"].detach()), rel=1e-5)
+    assert float(ce.detach()) == pytest.approx(float(out.loss_dict["loss_ce"].detach()), rel=1e-5)
 
 
 @pytest.mark.parametrize("name", TINY)
