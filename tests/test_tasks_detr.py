@@ -67,6 +67,7 @@ def test_builders_offline_and_registered():
     r50 = detr.DETR_MODELS["detr_r50"](num_labels=7)
     convs = [mod for mod in r50.model.backbone.modules() if isinstance(mod, nn.Conv2d)]
     assert len(convs) == 53 and max(mod.out_channels for mod in convs) == 2048  # ResNet-50: 49 + 4 shortcut convs
+    assert len(sparsify_(r50, SparsityConfig(include=detr.DETR_INCLUDE)).selected) == 6 * 6 + 6 * 10
     with pytest.raises(GpusqError, match="unknown DetrConfig field"):
         detr.DETR_MODELS["detr_test"](num_queries=4, not_a_field=1)
 
