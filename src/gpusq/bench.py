@@ -83,9 +83,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                     help="torch.compile each transformer block (default; fast to compile) or the whole model")
     ap.add_argument("--fp8-kernel", default="auto", choices=("auto", "sparse", "dense"),
                     help="for --recipe fp8: time 2:4 cuSPARSELt vs dense per shape (auto) or force one")
-    ap.add_argument("--fused-attn", default="on", choices=("on", "off"),
+    ap.add_argument("--fused-attn", default="off", choices=("on", "off"),
                     help="attention through SDPA in every variant where timm has the switch (Swin's window "
-                         "attention; default on, as gpusq.deploy does)")
+                         "attention; default off, as gpusq.deploy: slower on the H100)")
     ap.add_argument("--min-time", type=float, default=0.02, help="seconds per timing sample (default 0.02)")
     ap.add_argument("--reps", type=int, default=15, help="timing samples per measurement (median reported)")
     ap.add_argument("--json", metavar="FILE", help="write all results as JSON")

@@ -13,8 +13,9 @@ a ``DeployedModel`` on the GPU:
 * activation quantization is fused by ``torch.compile`` into the op producing the activation
   (LayerNorm, GELU, the attention output transpose), so int8 crosses memory, not bf16;
 * the rest (attention through SDPA, norms, head) runs in bf16 (``recipe.deploy.dense_dtype``);
-  timm modules with a ``fused_attn`` switch (Swin's window attention, off by default in timm)
-  get it turned on, so window attention with its bias + shift mask goes through SDPA too;
+  Swin's window attention stays on timm's explicit path by default: through SDPA (timm's
+  ``fused_attn``, ``fused_attention=True``) its bias + shift mask makes SDPA pick the
+  memory-efficient kernel, measured 3x slower on the H100 (docs/deploy.md);
 * the whole forward is captured in a CUDA graph per batch size.
 
 Without a suitable GPU (CUDA, compute capability >= 8.0, cuSPARSELt) it raises ``GpusqError``;
@@ -175,7 +176,9 @@ def enable_fused_attention(model: nn.Module) -> int:
 
     timm's Swin leaves it off ("experimental"): its window attention is then two explicit batched
     matmuls with the bias/mask softmax between them, on alignment-1 kernels for 49-token windows.
-    Through SDPA the same math runs in one fused kernel (bias and mask as ``attn_mask``)."""
+    Through SDPA the same math runs in one kernel (bias and mask as ``attn_mask``), but with a float
+    mask SDPA can only use its memory-efficient kernel: Swin-T batch 256 attention 13.0 ms vs 7.4 ms
+    explicit on the H100 (benchmarks/results/bench_swin_t_sdpa.json). Kept as an option to measure."""
     n = 0
     for m in model.modules():
         if getattr(m, "fused_attn", None) is False:
@@ -186,13 +189,14 @@ def enable_fused_attention(model: nn.Module) -> int:
 
 def deploy(model_or_dir, recipe=None, batch_sizes=(1,), *, input_size: tuple[int, int, int] | None = None,
            compile: str = "blocks", cuda_graphs: bool = True, fp8_kernel: str = "auto",
-           fused_attention: bool = True, device: torch.device | None = None) -> DeployedModel:
+           fused_attention: bool = False, device: torch.device | None = None) -> DeployedModel:
     """Build the inference module (see the module docstring).
 
     ``compile``: ``blocks`` (each transformer block compiled once and reused), ``model`` (one graph)
     or ``none``. ``fused_attention``: attention through SDPA wherever timm has the switch (see
-    ``enable_fused_attention``). ``fp8_kernel`` (also used for un-quantized 2:4 layers): ``auto`` times cuSPARSELt
-    2:4 against the dense kernel per shape; ``sparse`` / ``dense`` force one.
+    ``enable_fused_attention``; off: slower for Swin on the H100). ``fp8_kernel`` (also used for
+    un-quantized 2:4 layers): ``auto`` times cuSPARSELt 2:4 against the dense kernel per shape;
+    ``sparse`` / ``dense`` force one.
     """
     from gpusq.deploy.modules import DeployedLinear, DeployedPatchEmbed
     from gpusq.layers import compressed_layers, replace_module
