@@ -304,9 +304,20 @@ def train_task(task: Task, model: nn.Module, ds, cfg: StageConfig, *, seed: int 
     + beta * logit KD (``task.logit_kd``) + gamma * sum_l w_l * MSE(student layer l, teacher layer l).
     Prints one line per epoch to stderr; returns the last epoch's mean losses."""
     device = device or next(model.parameters()).device
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if device.type == "cuda":  # TF32 for training only: evaluation stays in the precision `gpusq eval` uses
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        return _train_loop(task, model, ds, cfg, seed=seed, teacher=teacher, feature_names=feature_names,
+                           layer_weights=layer_weights, alpha=alpha, beta=beta, gamma=gamma,
+                           temperature=temperature, device=device, desc=desc)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def _train_loop(task: Task, model: nn.Module, ds, cfg: StageConfig, *, seed: int, teacher: nn.Module | None,
+                feature_names: list[str] | None, layer_weights: dict[str, float] | None, alpha: float, beta: float,
+                gamma: float, temperature: float, device: torch.device, desc: str) -> dict[str, float]:
     loader = _loader(task, ds, cfg.batch_size, True, seed, drop_last=True)
     if len(loader) == 0:
         raise GpusqError(f"{desc}: the data has fewer images ({len(ds)}) than one batch ({cfg.batch_size}); "
