@@ -1,16 +1,16 @@
-"""``gpusq train|compress|eval --task detection|segmentation``: GPUSQ for Mask R-CNN (Swin + FPN)
-on COCO-format data and UPerNet-Swin on ADE20K-style folders.
+"""``gpusq train|compress|eval --task detection|segmentation``: GPUSQ for Mask R-CNN (Swin + FPN),
+DETR / Deformable-DETR on COCO-format data and UPerNet-Swin on ADE20K-style folders.
 
 Same two stages as classification (``gpusq.pipeline``):
 
-* stage 1: prune the backbone's transformer GEMMs to 2:4 (``DETECTION_INCLUDE`` /
-  ``SEGMENTATION_INCLUDE``), fine-tune with the model's own task losses (the hard losses) + feature
-  KD on the backbone block outputs from the dense teacher;
+* stage 1: prune the family's transformer GEMMs to 2:4 (``Task.include``), fine-tune with the model's
+  own task losses (the hard losses) + logit KD (``Task.logit_kd``) + feature KD (``Task.features``)
+  from the dense teacher;
 * stage 2: quantize + calibrate, QAT with the same losses, KD from the stage-1 sparse model, feature
-  terms weighted per block by the stage-1 distortion (``gpusq.distill``).
+  terms weighted per layer by the stage-1 distortion (``gpusq.distill``).
 
-Not done yet (issue 6): logit KD on the class predictions (``distill.beta`` is not used here),
-resume, multi-GPU, DETR / Deformable-DETR.
+A model family is a ``Task`` spec (``FAMILIES``); ``task_spec(task, model)`` finds it by model name.
+Not here: resume and multi-GPU (torchrun) for ``--task`` runs (classification has both).
 """
 
 from __future__ import annotations
