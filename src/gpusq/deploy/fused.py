@@ -59,8 +59,7 @@ def configure_dynamo() -> None:
     cfg.cache_size_limit = max(getattr(cfg, "cache_size_limit", 8), 256)
     if hasattr(cfg, "accumulated_cache_size_limit"):
         cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 2048)
-    if hasattr(cfg, "inline_inbuilt_nn_modules"):
-        cfg.inline_inbuilt_nn_modules = True
+    # inline_inbuilt_nn_modules (one graph reused by every block of a shape) is the default since torch 2.5
 
 
 def compile_regions(model: nn.Module, scope: str = "blocks") -> list[str]:
