@@ -95,7 +95,7 @@ def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """Nested dict/list with tensors → JSON-able structure, tensors moved into ``tensors``."""
     if isinstance(obj, torch.Tensor):
         key = prefix
-        tensors[key] = obj.detach().cpu().contiguous()
+        tensors[key] = obj.detach().to("cpu", copy=True).contiguous()  # tied weights: separate copies
         return {"__tensor__": key}
     if isinstance(obj, dict):
         return {"__dict__": [[_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)]

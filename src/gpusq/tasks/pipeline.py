@@ -10,7 +10,8 @@ Same two stages as classification (``gpusq.pipeline``):
   terms weighted per layer by the stage-1 distortion (``gpusq.distill``).
 
 A model family is a ``Task`` spec (``FAMILIES``); ``task_spec(task, model)`` finds it by model name.
-Not here: resume and multi-GPU (torchrun) for ``--task`` runs (classification has both).
+Per-epoch checkpoints (``--resume``) make a killed run continue exactly. Not here: multi-GPU
+(torchrun) for ``--task`` runs (classification has it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import copy
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +52,7 @@ from gpusq.tasks.models import (
 from gpusq.tasks.segdata import SegmentationFolder
 
 TASKS = ("classification", "detection", "segmentation")
+CKPT_DIR = ".train"  # per-epoch training checkpoints inside --out, removed when the run ends
 TASK_FORMAT = "task-1"
 
 
@@ -299,10 +302,14 @@ def train_task(task: Task, model: nn.Module, ds, cfg: StageConfig, *, seed: int 
                teacher: nn.Module | None = None, feature_names: list[str] | None = None,
                layer_weights: dict[str, float] | None = None, alpha: float = 1.0, beta: float = 0.0,
                gamma: float = 0.0, temperature: float = 1.0, device: torch.device | None = None,
-               desc: str = "train") -> dict[str, float]:
+               desc: str = "train", ckpt: Path | None = None, resume: bool = False) -> dict[str, float]:
     """AdamW + cosine over ``cfg.epochs``; loss = alpha * (sum of the model's task losses)
     + beta * logit KD (``task.logit_kd``) + gamma * sum_l w_l * MSE(student layer l, teacher layer l).
-    Prints one line per epoch to stderr; returns the last epoch's mean losses."""
+    Prints one line per epoch to stderr; returns the last epoch's mean losses.
+
+    ``ckpt``: after every epoch the model, optimizer, schedule, step and RNG states are written there
+    atomically (the previous one kept as ``.prev``); with ``resume`` an existing one is loaded and
+    training goes on from it exactly (each epoch's shuffle depends only on (seed, epoch))."""
     device = device or next(model.parameters()).device
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     if device.type == "cuda":  # TF32 for training only: evaluation stays in the precision `gpusq eval` uses
@@ -310,14 +317,17 @@ def train_task(task: Task, model: nn.Module, ds, cfg: StageConfig, *, seed: int 
     try:
         return _train_loop(task, model, ds, cfg, seed=seed, teacher=teacher, feature_names=feature_names,
                            layer_weights=layer_weights, alpha=alpha, beta=beta, gamma=gamma,
-                           temperature=temperature, device=device, desc=desc)
+                           temperature=temperature, device=device, desc=desc, ckpt=ckpt, resume=resume)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def _train_loop(task: Task, model: nn.Module, ds, cfg: StageConfig, *, seed: int, teacher: nn.Module | None,
                 feature_names: list[str] | None, layer_weights: dict[str, float] | None, alpha: float, beta: float,
-                gamma: float, temperature: float, device: torch.device, desc: str) -> dict[str, float]:
+                gamma: float, temperature: float, device: torch.device, desc: str, ckpt: Path | None,
+                resume: bool) -> dict[str, float]:
+    from gpusq.train import load_latest_state, rng_state, save_train_state, set_rng_state
+
     loader = _loader(task, ds, cfg.batch_size, True, seed, drop_last=True)
     if len(loader) == 0:
         raise GpusqError(f"{desc}: the data has fewer images ({len(ds)}) than one batch ({cfg.batch_size}); "
@@ -335,9 +345,22 @@ def _train_loop(task: Task, model: nn.Module, ds, cfg: StageConfig, *, seed: int
         teacher.eval()
     sums: dict[str, float] = {}
     step, count, epoch, t0 = 0, 0, 0, time.perf_counter()
+    dummy = torch.Generator()
+    state = load_latest_state(ckpt) if (resume and ckpt is not None) else None
+    if state is not None:
+        if int(state["total"]) != total:
+            raise GpusqError(f"{ckpt} is from a run of {int(state['total'])} steps, this one has {total}: "
+                             "same data, batch size and epochs are needed to resume")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        set_rng_state(state["rng"], dummy)
+        step, epoch, count, sums = int(state["step"]), int(state["epoch"]), int(state["count"]), dict(state["sums"])
+        print(f"{desc}: resumed at epoch {epoch}, step {step}/{total}", file=sys.stderr, flush=True)
     with FeatureHooks(model, names) as hs, FeatureHooks(teacher or model, names) as ht:
         while step < total:
             sums, count = {}, 0
+            loader.generator.manual_seed(seed * 100_003 + epoch)  # shuffle order = f(seed, epoch)
             for batch in loader:
                 batch = task.to_device(batch, device)
                 out = task.losses(model, batch)
@@ -371,6 +394,10 @@ def _train_loop(task: Task, model: nn.Module, ds, cfg: StageConfig, *, seed: int
                 if step >= total:
                     break
             epoch += 1
+            if ckpt is not None:
+                save_train_state(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(),
+                                        "sched": sched.state_dict(), "rng": rng_state(dummy), "step": step,
+                                        "epoch": epoch, "total": total, "count": count, "sums": sums})
             mean = {k: v / max(count, 1) for k, v in sums.items()}
             print(f"{desc}: epoch {epoch}/{math.ceil(cfg.epochs)} step {step}/{total} "
                   + " ".join(f"{k} {v:.4f}" for k, v in mean.items()) + f" ({time.perf_counter() - t0:.0f}s)",
@@ -438,8 +465,10 @@ def load_detection_dir(path: str | Path, device: torch.device | None = None) -> 
 
 def train_dense_task(task: str, model_name: str, model_kwargs: dict[str, Any], data: str, out: str | Path, *,
                      val_data: str | None = None, cfg: StageConfig | None = None, seed: int = 0,
-                     device: torch.device | None = None) -> dict[str, Any]:
-    """Train a dense model (a teacher) and write ``DIR/model.safetensors`` + ``task.yaml`` + ``report.json``."""
+                     device: torch.device | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train a dense model (a teacher) and write ``DIR/model.safetensors`` + ``task.yaml`` + ``report.json``.
+
+    A per-epoch checkpoint lives in ``DIR/.train/`` until the run ends (``resume`` continues from it)."""
     from safetensors.torch import save_file
 
     t = task_spec(task, model_name)
@@ -450,10 +479,12 @@ def train_dense_task(task: str, model_name: str, model_kwargs: dict[str, Any], d
     torch.manual_seed(seed)
     model = t.create(model_name, **kw).to(device)
     cfg = cfg or StageConfig(epochs=10, lr=1e-3)
-    losses = train_task(t, model, ds, cfg, seed=seed, device=device, desc="train")
-    metrics = evaluate_task(t, model, val, cfg.batch_size, device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    ckdir = out / CKPT_DIR
+    ckdir.mkdir(parents=True, exist_ok=True)
+    losses = train_task(t, model, ds, cfg, seed=seed, device=device, desc="train", ckpt=ckdir / "train.safetensors",
+                        resume=resume)
+    metrics = evaluate_task(t, model, val, cfg.batch_size, device)
     # one copy per key: safetensors refuses tensors that share memory (tied heads, e.g. Deformable-DETR's)
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"gpusq_task": task}))
@@ -461,6 +492,7 @@ def train_dense_task(task: str, model_name: str, model_kwargs: dict[str, Any], d
                            "compressed": False, **t.data_info(ds)})
     report = {"task": task, "model": model_name, "metrics": metrics, "train_losses": losses}
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    shutil.rmtree(ckdir, ignore_errors=True)
     return report
 
 
@@ -515,8 +547,11 @@ def _kw_text(kw: dict[str, Any]) -> str:
 def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str, out: str | Path, *,
                   model: str | None = None, model_kwargs: dict[str, Any] | None = None,
                   val_data: str | None = None, batch_size: int | None = None, seed: int = 0,
-                  device: torch.device | None = None) -> dict[str, Any]:
+                  device: torch.device | None = None, resume: bool = False) -> dict[str, Any]:
     """GPUSQ stages 1 and 2 on a dense model of ``task``; writes the compressed model + ``report.json``.
+
+    Per-epoch checkpoints of both stages live in ``out/.train/`` until the run ends; ``resume``
+    continues an interrupted run from them (a finished stage is loaded, not retrained).
 
     ``teacher_dir``: a ``gpusq train --task`` directory, or a weights file of ``model``.
     Stage 1: 2:4 + task losses + feature KD (+ logit KD) from the dense teacher. Stage 2: quantize,
@@ -549,9 +584,13 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
                                             exclude=list(recipe.sparsity.exclude)))
     if not sel.selected:
         raise GpusqError(f"no layer of {info['model']} matches the {task} compression patterns")
-    kd = dict(alpha=c.alpha, beta=c.beta, gamma=c.gamma, temperature=c.temperature, device=device)
+    kd = dict(alpha=c.alpha, beta=c.beta, gamma=c.gamma, temperature=c.temperature, device=device, resume=resume)
+    out = Path(out)
+    ckdir = out / CKPT_DIR
+    ckdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    stage1 = train_task(t, student, ds, s1, seed=seed, teacher=teacher, feature_names=names, desc="stage 1", **kd)
+    stage1 = train_task(t, student, ds, s1, seed=seed, teacher=teacher, feature_names=names, desc="stage 1",
+                        ckpt=ckdir / "stage1.safetensors", **kd)
     distortion = _distortion(t, student, teacher, ds, names, recipe.train.calib_batches, s1.batch_size, device)
     weights = layer_weights_from_distortion(distortion, c.layer_weighting)
     stage2: dict[str, float] = {}
@@ -564,14 +603,12 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
                  if k < recipe.train.calib_batches]
         calibrate(student, lambda m: [t.teacher_features(m, b) for b in calib])
         stage2 = train_task(t, student, ds, s2, seed=seed + 1, teacher=sparse_teacher, feature_names=names,
-                            layer_weights=weights, desc="stage 2", **kd)
+                            layer_weights=weights, desc="stage 2", ckpt=ckdir / "stage2.safetensors", **kd)
     student.eval()
     metrics = evaluate_task(t, student, val, s1.batch_size, device)
     ok = check_2to4(student)
     if recipe.sparse and not all(ok.values()):
         raise RuntimeError(f"2:4 pattern lost in {[n for n, v in ok.items() if not v]}")  # a bug, not user input
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     save_compressed(student, out, recipe, info["model"], info["model_kwargs"])
     _write_task_info(out, {**info, "compressed": True, "recipe": recipe.name})
     report = {
@@ -585,6 +622,7 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
         "stage1_losses": stage1, "stage2_losses": stage2, "check_2to4": bool(all(ok.values())),
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    shutil.rmtree(ckdir, ignore_errors=True)
     return report
 
 
@@ -608,6 +646,7 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="train/compress: continue an interrupted run in --out")
 
 
 def _models_help() -> str:
@@ -630,7 +669,7 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         t = task_spec(check_task(a.task), a.model)
         cfg = StageConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size or 8, min_lr=a.lr * 0.01)
         rep = train_dense_task(t.name, a.model, parse_model_kwargs(a.model_arg), a.data, a.out, val_data=a.val_data,
-                               cfg=cfg, seed=a.seed, device=_device(a))
+                               cfg=cfg, seed=a.seed, device=_device(a), resume=a.resume)
         print(json.dumps({"metrics": rep["metrics"]}) if a.json
               else f"{t.summary(rep['metrics'])}; dense {t.name} model written to {a.out}")
         return 0
@@ -654,7 +693,7 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         recipe = load_recipe(a.recipe, overrides)
         rep = compress_task(task, a.teacher, recipe, a.data, a.out, model=a.model,
                             model_kwargs=parse_model_kwargs(a.model_arg), val_data=a.val_data,
-                            batch_size=a.batch_size, seed=a.seed, device=_device(a))
+                            batch_size=a.batch_size, seed=a.seed, device=_device(a), resume=a.resume)
         t = task_spec(task, rep["model"])
         if a.json:
             print(json.dumps({k: rep[k] for k in ("metrics", "teacher_metrics", "compressed_layers")}))
