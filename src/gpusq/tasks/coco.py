@@ -145,3 +145,14 @@ def collate_list(batch: list) -> tuple[list[torch.Tensor], list[dict[str, torch.
     """Keep images of different sizes apart: torchvision detectors take a list of images."""
     images, targets = zip(*batch)
     return list(images), list(targets)
+
+
+def coco_folder(path: str | Path, masks: bool = True) -> CocoDetection:
+    """A COCO-format folder (``instances.json`` + ``images/``, what ``gpusq.tasks.mnist_canvas`` writes)
+    or an instances json itself. ``masks=False`` skips decoding instance masks (box-only detectors)."""
+    p = Path(path)
+    if not p.exists():
+        raise GpusqError(f"data folder {p} does not exist")
+    if p.is_file():
+        return CocoDetection(p, masks=masks)
+    return CocoDetection(p / "instances.json", p / "images", masks=masks)

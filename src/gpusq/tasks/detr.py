@@ -30,7 +30,7 @@ from torch import nn
 
 from gpusq.distill import soft_loss
 from gpusq.errors import GpusqError
-from gpusq.tasks.coco import CocoDetection
+from gpusq.tasks.coco import CocoDetection, coco_folder
 
 # Every Linear inside an encoder / decoder layer (select_layers only picks Linear / Conv2d modules).
 DETR_INCLUDE = (r"^model\.(encoder|decoder)\.layers\.\d+\..+",)
@@ -129,13 +129,8 @@ def is_sigmoid(model: nn.Module) -> bool:
 
 # -- data ------------------------------------------------------------------------------------------
 def load_coco(path: str | Path) -> CocoDetection:
-    """A COCO-format folder (``instances.json`` + ``images/``) or an instances json; boxes only (no masks)."""
-    p = Path(path)
-    if not p.exists():
-        raise GpusqError(f"data folder {p} does not exist")
-    if p.is_file():
-        return CocoDetection(p, masks=False)
-    return CocoDetection(p / "instances.json", p / "images", masks=False)
+    """COCO-format data, boxes only (DETR has no mask head: masks are not decoded)."""
+    return coco_folder(path, masks=False)
 
 
 def to_detr_labels(target: dict[str, torch.Tensor], height: int, width: int) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ from gpusq.models import parse_model_kwargs
 from gpusq.quant import calibrate, quantize_
 from gpusq.recipes import Recipe, StageConfig, _merge, load_recipe, parse_override
 from gpusq.sparsity import SparsityConfig, check_2to4, sparsify_
-from gpusq.tasks.coco import CocoDetection, collate_list
+from gpusq.tasks.coco import CocoDetection, coco_folder, collate_list
 from gpusq.tasks.metrics import coco_map, detections_to_coco, evaluate_segmentation
 from gpusq.tasks.models import (
     DETECTION_FEATURES,
@@ -66,16 +66,6 @@ def check_task(task: str) -> str:
 
 
 # -- data ------------------------------------------------------------------------------------------
-def coco_dir(path: str | Path) -> CocoDetection:
-    """A COCO-format folder: ``instances.json`` + ``images/`` (what ``gpusq.tasks.mnist_canvas`` writes)."""
-    p = Path(path)
-    if not p.exists():
-        raise GpusqError(f"data folder {p} does not exist")
-    if p.is_file():
-        return CocoDetection(p)
-    return CocoDetection(p / "instances.json", p / "images")
-
-
 def seg_dir(path: str | Path) -> SegmentationFolder:
     """An ADE20K-style folder: ``images/`` + ``labels/`` (also written by ``gpusq.tasks.mnist_canvas``)."""
     p = Path(path)
@@ -219,7 +209,7 @@ def _seg_eval(model: nn.Module, ds: SegmentationFolder, batch_size: int, device:
 
 MASKRCNN = Task(
     name="detection", family="maskrcnn", models=DETECTION_MODELS, include=DETECTION_INCLUDE,
-    features=DETECTION_FEATURES, load_data=coco_dir, collate=collate_list, to_device=_det_to,
+    features=DETECTION_FEATURES, load_data=coco_folder, collate=collate_list, to_device=_det_to,
     losses=_maskrcnn_losses, teacher_features=_maskrcnn_teacher, evaluate=_det_eval,
     data_info=lambda ds: {"label_to_cat": ds.label_to_cat}, check_kwargs=_det_kwargs,
     summary=lambda m: f"bbox mAP {m['bbox_map']:.4f}  segm mAP {m['segm_map']:.4f}",
@@ -256,9 +246,6 @@ DETR = _detr_spec()
 FAMILIES: list[Task] = [MASKRCNN, UPERNET, DETR]
 
 
-def register_family(spec: Task) -> None:
-    """Add a model family (its models become valid ``--model`` names for ``spec.name``)."""
-    FAMILIES.append(spec)
 
 
 def task_spec(task: str, model: str) -> Task:
@@ -293,9 +280,6 @@ def evaluate_task(task: Task, model: nn.Module, ds, batch_size: int = 8,
     return out
 
 
-def evaluate_detection(model: nn.Module, ds: CocoDetection, batch_size: int = 8,
-                       device: torch.device | None = None) -> dict[str, float]:
-    return evaluate_task(MASKRCNN, model, ds, batch_size, device)
 
 
 def train_task(task: Task, model: nn.Module, ds, cfg: StageConfig, *, seed: int = 0,
@@ -459,8 +443,6 @@ def load_task_dir(path: str | Path, task: str, device: torch.device | None = Non
     return model, info
 
 
-def load_detection_dir(path: str | Path, device: torch.device | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    return load_task_dir(path, "detection", device)
 
 
 def train_dense_task(task: str, model_name: str, model_kwargs: dict[str, Any], data: str, out: str | Path, *,
@@ -496,15 +478,15 @@ def train_dense_task(task: str, model_name: str, model_kwargs: dict[str, Any], d
     return report
 
 
-def train_dense_detection(model_name: str, model_kwargs: dict[str, Any], data: str, out: str | Path,
-                          **kw: Any) -> dict[str, Any]:
-    return train_dense_task("detection", model_name, model_kwargs, data, out, **kw)
 
 
-def load_teacher(task: str, teacher: str | Path, model: str | None = None, model_kwargs: dict[str, Any] | None = None,
-                 data_ds: Any = None, device: torch.device | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_teacher(task: str, teacher: str | Path, data: str, model: str | None = None,
+                 model_kwargs: dict[str, Any] | None = None,
+                 device: torch.device | None = None) -> tuple[nn.Module, dict[str, Any], Task, Any]:
     """The dense teacher: a ``gpusq train --task`` directory, or the user's own weights file
-    (``.safetensors`` / ``.pt`` / ``.pth`` state dict) of the model named ``model``."""
+    (``.safetensors`` / ``.pt`` / ``.pth`` state dict) of the model named ``model``.
+
+    Returns (teacher, its task info, its family spec, ``data`` loaded by that family's loader)."""
     from gpusq.models import load_state_file
 
     p = Path(teacher)
@@ -514,12 +496,14 @@ def load_teacher(task: str, teacher: str | Path, model: str | None = None, model
             raise GpusqError(f"--model {model} but the teacher in {p} is a {info['model']}")
         if info.get("compressed"):
             raise GpusqError(f"{teacher} is already compressed; pass the dense teacher")
-        return m, info
+        t = task_spec(task, info["model"])
+        return m, info, t, t.load_data(data)
     if not p.exists():
         raise GpusqError(f"teacher {p} does not exist (a gpusq train --task output directory or a weights file)")
     if not model:
         raise GpusqError(f"teacher {p} is a weights file: name its architecture with --model")
     t = task_spec(task, model)
+    data_ds = t.load_data(data)
     kw = t.check_kwargs(data_ds, model_kwargs or {})
     m = t.create(model, **kw)
     state = load_state_file(p)
@@ -536,8 +520,9 @@ def load_teacher(task: str, teacher: str | Path, model: str | None = None, model
     m.eval()
     if device is not None:
         m.to(device)
-    return m, {"task": task, "format": TASK_FORMAT, "model": model, "model_kwargs": kw, "compressed": False,
-               **t.data_info(data_ds)}
+    info = {"task": task, "format": TASK_FORMAT, "model": model, "model_kwargs": kw, "compressed": False,
+            **t.data_info(data_ds)}
+    return m, info, t, data_ds
 
 
 def _kw_text(kw: dict[str, Any]) -> str:
@@ -559,10 +544,7 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
     """
     check_task(task)
     device = device or torch.device("cpu")
-    probe = next(f for f in FAMILIES if f.name == task)
-    ds = probe.load_data(data)
-    teacher, info = load_teacher(task, teacher_dir, model, model_kwargs, ds, device)
-    t = task_spec(task, info["model"])
+    teacher, info, t, ds = load_teacher(task, teacher_dir, data, model, model_kwargs, device)
     val = t.load_data(val_data) if val_data else ds
     if "label_to_cat" in info and ds.label_to_cat != {int(k): v for k, v in info["label_to_cat"].items()}:
         raise GpusqError(f"the categories of {data} differ from the teacher's ({teacher_dir})")
@@ -633,8 +615,6 @@ LOGIT_KD_DOC = {
 }
 
 
-def compress_detection(teacher_dir: str | Path, recipe: Recipe, data: str, out: str | Path, **kw: Any) -> dict:
-    return compress_task("detection", teacher_dir, recipe, data, out, **kw)
 
 
 # -- CLI -------------------------------------------------------------------------------------------
