@@ -169,7 +169,6 @@ def _maskrcnn_whole(det, h: int, w: int):
 
 def _upernet_backbone(var, runner, batch: int, min_time: float, reps: int) -> dict:
     """Timer of UPerNet's Swin backbone alone, from a graph of the variant's (already compiled) model."""
-
     from gpusq.deploy.graphs import GraphRunner
 
     m = var.deployed.model if var.deployed is not None else var.model
@@ -230,13 +229,11 @@ class Variant:
                 fp8 = QuantConfig(QuantSpec("fp8_e4m3"), QuantSpec("fp8_e4m3"))
                 fq = _calibrated(src, fp8, calib_x, sparse=False)
                 self.deployed = deploy(fq, None, batch_sizes=(), compile=args.compile_scope,
-                                       fp8_kernel="dense", input_size=input_size,
-                                       fused_attention=args.fused_attn == "on")
+                                       fp8_kernel="dense", input_size=input_size)
             else:
                 fq = _calibrated(src, recipe.quant, calib_x, sparse=recipe.sparse, sparsity=recipe.sparsity)
                 self.deployed = deploy(fq, recipe, batch_sizes=(), compile=args.compile_scope,
-                                       fp8_kernel=args.fp8_kernel, input_size=input_size,
-                                       fused_attention=args.fused_attn == "on")
+                                       fp8_kernel=args.fp8_kernel, input_size=input_size)
             del src, fq
         self.setup_s = time.perf_counter() - t0
 
@@ -437,7 +434,7 @@ def cli_main(argv: list[str], prog: str = "gpusq bench", command: str = "bench")
             base = create_model(model_name, **kwargs).eval()
             size = model_input_size(base)
             label = model_name
-        if args.fused_attn == "on":
+        if args.fused_attn == "on":  # on the shared base: every variant, deployed ones included, is a copy
             enable_fused_attention(base)
         for vname in variants:
             print(f"[{label}] building {vname} ...", file=sys.stderr, flush=True)

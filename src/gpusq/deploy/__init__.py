@@ -15,7 +15,7 @@ a ``DeployedModel`` on the GPU:
 * the rest (attention through SDPA, norms, head) runs in bf16 (``recipe.deploy.dense_dtype``);
   Swin's window attention stays on timm's explicit path by default: through SDPA (timm's
   ``fused_attn``, ``fused_attention=True``) its bias + shift mask makes SDPA pick the
-  memory-efficient kernel, measured 3x slower on the H100 (docs/deploy.md);
+  memory-efficient kernel, measured ~1.8x slower on the H100 (docs/deploy.md);
 * the whole forward is captured in a CUDA graph per batch size.
 
 Without a suitable GPU (CUDA, compute capability >= 8.0, cuSPARSELt) it raises ``GpusqError``;
