@@ -5,6 +5,7 @@ its fake-quant twin on a *trained* compressed model and real images, where it ex
 weights hide problems (flat logits, no outliers). Output (git-ignored, carried to the device):
 
     .carry/cifar_deit_int8/      gpusq compress output format (save_compressed)
+    .carry/cifar_deit_int4/      the same 2:4 model after INT4 (W4A8) QAT
     .carry/cifar_test.safetensors  2,000 test images (uint8 NCHW) + labels
 
 Run: python tests/gpu/make_cifar_model.py [--zip PATH] [--out .carry]
@@ -13,6 +14,7 @@ Run: python tests/gpu/make_cifar_model.py [--zip PATH] [--out .carry]
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import time
 import zipfile
@@ -104,15 +106,22 @@ def main() -> None:
     sparsify_(model, r.sparsity)
     train(model, xtr, ytr, 0.5, 3e-4)
     print(f"2:4 acc {accuracy(model, xte[:2000], yte[:2000]):.3f} ({time.time() - t0:.0f}s)", flush=True)
-    quantize_(model, r.quant)
-    calibrate(model, lambda m: [m(normalize(xtr[i:i + 256])) for i in range(0, 1024, 256)])
-    train(model, xtr, ytr, 0.25, 5e-5)
-    acc = accuracy(model, xte[:2000], yte[:2000])
-    print(f"int8 2:4 fake-quant acc {acc:.3f} ({time.time() - t0:.0f}s)", flush=True)
     out = Path(args.out)
-    save_compressed(model, out / "cifar_deit_int8", r, MODEL, KWARGS)
+    sparse_state = copy.deepcopy(model.state_dict())
+    accs = {}
+    for name in ("int8", "int4"):  # both QAT'd from the same 2:4 model
+        model.load_state_dict(sparse_state)
+        r = load_recipe(name)
+        quantize_(model, r.quant)
+        calibrate(model, lambda m: [m(normalize(xtr[i:i + 256])) for i in range(0, 1024, 256)])
+        train(model, xtr, ytr, 0.25, 5e-5)
+        accs[name] = acc = accuracy(model, xte[:2000], yte[:2000])
+        print(f"{name} 2:4 fake-quant acc {acc:.3f} ({time.time() - t0:.0f}s)", flush=True)
+        save_compressed(model, out / f"cifar_deit_{name}", r, MODEL, KWARGS)
+        model = timm.create_model(MODEL, pretrained=False, **KWARGS)
+        sparsify_(model, r.sparsity)
     save_file({"images": xte[:2000].contiguous(), "labels": yte[:2000].contiguous()},
-              str(out / "cifar_test.safetensors"), metadata={"fake_quant_acc": f"{acc:.4f}"})
+              str(out / "cifar_test.safetensors"), metadata={f"fake_quant_acc_{k}": f"{v:.4f}" for k, v in accs.items()})
     print("saved", out)
 
 

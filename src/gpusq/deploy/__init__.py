@@ -6,6 +6,11 @@ a ``DeployedModel`` on the GPU:
 
 * INT8 (and INT4, unpacked to INT8 at load: the H100 has no INT4 tensor cores) 2:4 layers run on
   cuSPARSELt with INT8 activations; the per-channel scale and the bias go into the GEMM epilogue;
+* where every transformer block is a plain timm ViT block with INT8/INT4 2:4 Linears and
+  nvmath-python is installed (the ``gpu`` extra), the blocks run fused (``gpusq.deploy.vit``): our
+  own cuSPARSELt plans with GELU + INT8 output in fc1's epilogue and the residual added through C
+  in proj / fc2, one Triton kernel per LayerNorm + quantize and per attention-output quantize;
+  eight kernels per block (``fused=False`` keeps the per-layer path below);
 * FP8 layers run dense on ``torch._scaled_mm`` (row-wise scales, bias fused) unless cuSPARSELt
   applies the scale vector and bias in its epilogue for FP8 (it does not with cuSPARSELt 0.8.0
   on the H100: measured, the FP8 2:4 model was then slower than dense FP8, docs/deploy.md);
@@ -141,8 +146,18 @@ class DeployedModel(nn.Module):
     def kernel_report(self) -> list[dict]:
         """Per deployed layer: kind, shape, epilogue mode and the kernel/alg chosen per row count."""
         from gpusq.deploy.modules import DeployedLinear
+        from gpusq.deploy.vit import FusedBlocks
 
         out = []
+        for name, m in self.model.named_modules():
+            if isinstance(m, FusedBlocks):
+                for gname, g in m.gemms().items():
+                    ep = [t for t, on in (("alpha", True), ("bias", g.bias is not None), ("gelu", g.gelu),
+                                          ("residual", g.residual)) if on]
+                    out.append({"layer": f"{name}.{gname}", "kind": "int8", "sparse": True, "n": g.n, "k": g.k,
+                                "epilogue": "+".join(ep) + f"->{g.out}",
+                                "choice": {mp: ["sparse-nvmath", t["alg"]] for mp, t in g.report().items()},
+                                "ms": {mp: {"sparse": t["ms"]} for mp, t in g.report().items()}})
         for name, m in self.model.named_modules():
             if isinstance(m, DeployedLinear):
                 out.append({"layer": name, "kind": m.kind, "sparse": m.sparse, "n": m.out_features,
@@ -189,14 +204,18 @@ def enable_fused_attention(model: nn.Module) -> int:
 
 def deploy(model_or_dir, recipe=None, batch_sizes=(1,), *, input_size: tuple[int, int, int] | None = None,
            compile: str = "blocks", cuda_graphs: bool = True, fp8_kernel: str = "auto",
-           fused_attention: bool = False, device: torch.device | None = None) -> DeployedModel:
+           fused_attention: bool = False, fused: str | bool = "auto",
+           device: torch.device | None = None) -> DeployedModel:
     """Build the inference module (see the module docstring).
 
     ``compile``: ``blocks`` (each transformer block compiled once and reused), ``model`` (one graph)
     or ``none``. ``fused_attention``: attention through SDPA wherever timm has the switch (see
     ``enable_fused_attention``; off: slower for Swin on the H100). ``fp8_kernel`` (also used for
     un-quantized 2:4 layers): ``auto`` times cuSPARSELt 2:4 against the dense kernel per shape;
-    ``sparse`` / ``dense`` force one.
+    ``sparse`` / ``dense`` force one. ``fused``: ``auto`` (default) runs the transformer blocks on
+    the fused path (``gpusq.deploy.vit``) where they qualify and nvmath-python is installed;
+    ``True`` requires it (one-line error naming why not); ``False`` never uses it. The result's
+    ``fused`` attribute says which path ran and why.
     """
     from gpusq.deploy.modules import DeployedLinear, DeployedPatchEmbed
     from gpusq.layers import compressed_layers, replace_module
@@ -217,6 +236,8 @@ def deploy(model_or_dir, recipe=None, batch_sizes=(1,), *, input_size: tuple[int
     if fused_attention:
         enable_fused_attention(model)
     layers = compressed_layers(model)
+    fused_status = _fuse(model, layers, fused, dev)
+    layers = {n: m for n, m in layers.items() if not n.startswith("blocks.")} if fused_status == "fused" else layers
     new: dict[str, nn.Module] = {}
     for name, layer in layers.items():
         kind, codes, ws, s_in = layer_codes(layer)
@@ -236,6 +257,27 @@ def deploy(model_or_dir, recipe=None, batch_sizes=(1,), *, input_size: tuple[int
         replace_module(model, name, mod)
     out = DeployedModel(model, size, compile=compile, cuda_graphs=cuda_graphs, input_dtype=input_dtype,
                         dense_dtype=dense_dtype)
+    out.fused = fused_status
     for b in batch_sizes:
         out.prepare(int(b))
     return out
+
+
+def _fuse(model: nn.Module, layers: dict, fused, dev: torch.device) -> str:
+    """Try the fused-block path; returns ``"fused"`` or why not (``fused=True`` makes "why not" an
+    error)."""
+    if fused not in ("auto", True, False):
+        raise GpusqError(f"fused must be auto, True or False, got {fused!r}")
+    if fused is False:
+        return "off (fused=False)"
+    from gpusq.deploy import cslt
+    from gpusq.deploy.vit import fuse_vit_blocks
+
+    why = None if cslt.available() else "nvmath-python is not installed (pip install 'gpusq[gpu]')"
+    if why is None:
+        why = fuse_vit_blocks(model, layers, dev)
+    if why is None:
+        return "fused"
+    if fused is True:
+        raise GpusqError(f"the fused block path cannot be used: {why}")
+    return f"per-layer ({why})"

@@ -68,17 +68,29 @@ def compile_regions(model: nn.Module, scope: str = "blocks") -> list[str]:
     if scope == "none":
         return []
     configure_dynamo()
+    # subtrees that run hand-fused kernels (gpusq.deploy.vit.FusedBlocks) are never traced
+    fused = [n for n, m in model.named_modules() if getattr(m, "gpusq_fused", False)]
     if scope == "model":
-        model.compile(dynamic=False)
-        return [""]
+        if not fused:
+            model.compile(dynamic=False)
+            return [""]
+        names = [n for n, m in model.named_children()
+                 if n not in fused and not isinstance(m, (nn.Identity, nn.Dropout))]
+        for n in names:
+            model.get_submodule(n).compile(dynamic=False)
+        return names
     if scope != "blocks":
         raise ValueError(f"compile scope {scope!r} is not one of blocks, model, none")
     pats = [re.compile(p) for p in COMPILE_REGIONS]
     names = []
     for name, mod in model.named_modules():
+        if any(name == f or name.startswith(f + ".") for f in fused):
+            continue
         if name and any(p.search(name) for p in pats) and not any(name.startswith(n + ".") for n in names):
             mod.compile(dynamic=False)
             names.append(name)
+    if not names and fused:
+        return names
     if not names:
         model.compile(dynamic=False)
         names.append("")

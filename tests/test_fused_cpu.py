@@ -1,0 +1,164 @@
+"""CPU tests of the fused-block deployment logic (gpusq.deploy.vit) with reference GEMMs.
+
+The GPU kernels (cuSPARSELt through nvmath, Triton) are swapped for float64 torch references with the
+same interface and the same numerics (alpha vector, bias, GELU + saturating round-half-even INT8
+output, residual through C, zero padding), so what is tested here is everything around them: which
+scale goes where, the padded residual stream, the q/k/v views of the qkv output, the heads'
+transpose, LayerScale folding, and which blocks qualify. The kernels themselves are tested against
+these references under TRITON_INTERPRET (tests/test_kernels_interpret.py) and on the GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpusq.deploy import cusparselt as cs
+from gpusq.deploy.cslt import reference
+
+
+class RefGemm:
+    """``SparseGemm``'s interface and numerics, computed in float64 on the CPU."""
+
+    def __init__(self, codes, alpha, bias, *, out="bf16", gelu=False, gelu_scale=None, residual=False,
+                 device="cpu", name=""):
+        self.n, self.k = codes.shape
+        self.np_, self.kp = cs.round_up(self.n), cs.round_up(self.k)
+        self.codes = F.pad(codes.double(), (0, self.kp - self.k, 0, self.np_ - self.n))
+        self.alpha = F.pad(alpha.double(), (0, self.np_ - self.n))
+        self.bias = None if bias is None else F.pad(bias.double(), (0, self.np_ - self.n))
+        self.out, self.gelu, self.gelu_scale, self.residual, self.name = out, gelu, gelu_scale, residual, name
+        self.calls = 0
+
+    def __call__(self, x, residual=None):
+        assert x.dtype == torch.int8 and x.shape[1] == self.kp and x.shape[0] % cs.ROW_ALIGN == 0
+        assert (residual is not None) == self.residual
+        self.calls += 1
+        y = reference(x, self.codes, self.alpha, self.bias, gelu=self.gelu, gelu_scale=self.gelu_scale,
+                      residual=residual, out=self.out)
+        return y.to(torch.int8 if self.out == "int8" else torch.bfloat16)
+
+
+def ref_layernorm_quant(x, weight, bias, eps, inv_scale, rows, cols, out_dtype=torch.int8, out=None):
+    y = F.layer_norm(x[:rows, :cols].float(), (cols,), weight, bias, eps)
+    q = torch.clamp(torch.round(y * inv_scale), -128, 127).to(torch.int8)
+    return F.pad(q, (0, x.shape[1] - cols, 0, x.shape[0] - rows))
+
+
+def ref_quantize_heads(o, inv_scale, rows_out, cols_out, out_dtype=torch.int8, out=None):
+    b, h, n, d = o.shape
+    y = o.transpose(1, 2).reshape(b * n, h * d).float()
+    q = torch.clamp(torch.round(y * inv_scale), -128, 127).to(torch.int8)
+    return F.pad(q, (0, cols_out - h * d, 0, rows_out - b * n))
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    import gpusq.deploy.cslt as cslt
+    import gpusq.deploy.kernels as kernels
+
+    monkeypatch.setattr(cslt, "SparseGemm", RefGemm)
+    monkeypatch.setattr(kernels, "layernorm_quant", ref_layernorm_quant)
+    monkeypatch.setattr(kernels, "quantize_heads", ref_quantize_heads)
+
+
+def _compressed(name="deit_tiny_patch16_224", recipe="int8", seed=0, **kw):
+    import timm
+
+    from gpusq.quant import calibrate, quantize_
+    from gpusq.recipes import load_recipe
+    from gpusq.sparsity import sparsify_
+
+    torch.manual_seed(seed)
+    m = timm.create_model(name, pretrained=False, **kw).eval()
+    r = load_recipe(recipe)
+    sparsify_(m, r.sparsity)
+    quantize_(m, r.quant)
+    size = kw.get("img_size", 224)
+    calib = torch.randn(8, 3, size, size)
+    calibrate(m, lambda mm: mm(calib))
+    return m.eval(), size
+
+
+def _fused_copy(model):
+    from gpusq.deploy.vit import fuse_vit_blocks
+    from gpusq.layers import compressed_layers
+
+    fm = copy.deepcopy(model)
+    why = fuse_vit_blocks(fm, compressed_layers(fm), torch.device("cpu"))
+    return fm, why
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+TINY = dict(img_size=32, patch_size=8, num_classes=10, depth=2, embed_dim=72, num_heads=3)
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int4"])
+def test_fused_blocks_match_fake_quant(reference_kernels, recipe):
+    """17 tokens (rows padded to 32 at batch 1, 96 at batch 5), width 72 (padded to 96), 3 heads."""
+    from gpusq.deploy.vit import FusedBlocks
+
+    model, size = _compressed(recipe=recipe, **TINY)
+    fm, why = _fused_copy(model)
+    assert why is None and isinstance(fm.blocks, FusedBlocks)
+    for b in (1, 5):
+        x = torch.randn(b, 3, size, size)
+        with torch.no_grad():
+            ref, out = model(x), fm(x)
+        err = _rel(out, ref)
+        assert err < 3e-2, (b, err)  # bf16 residual stream vs the fp32 fake-quant model
+        assert bool((out.argmax(1) == ref.argmax(1)).all())
+    calls = [g.calls for blk in fm.blocks.blocks for g in blk.gemms().values()]
+    assert calls == [2] * 8  # every GEMM of both blocks ran once per forward
+
+
+def test_fused_blocks_fold_layerscale(reference_kernels):
+    """A LayerScale gamma (DeiT-3 / ViT with init_values) goes into proj/fc2's alpha and bias."""
+    model, size = _compressed("vit_tiny_patch16_224", init_values=0.5, **TINY)
+    for blk in model.blocks:  # random per-channel gammas, so a dropped or misplaced one shows
+        blk.ls1.gamma.data.uniform_(0.2, 2.0)
+        blk.ls2.gamma.data.uniform_(0.2, 2.0)
+    fm, why = _fused_copy(model)
+    assert why is None
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        assert _rel(fm(x), model(x)) < 3e-2
+
+
+def test_a_wrong_scale_is_caught(reference_kernels):
+    """The comparison above can fail: fc1's GELU output scale off by 2x breaks it."""
+    model, size = _compressed(**TINY)
+    fm, _ = _fused_copy(model)
+    fm.blocks.blocks[0].fc1.gelu_scale *= 2
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert _rel(fm(x), model(x)) > 5e-2
+
+
+def test_unfusable_models_say_why():
+    model, _ = _compressed("swin_tiny_patch4_window7_224", img_size=56, depths=(1, 1), num_heads=(1, 2),
+                           window_size=7, embed_dim=32, num_classes=4)
+    fm, why = _fused_copy(model)
+    assert why is not None and "blocks" in why
+
+    import timm
+
+    from gpusq.quant import QuantSpec
+    from gpusq.sparsity import mask_2to4
+
+    m = timm.create_model("deit_tiny_patch16_224", pretrained=False, **TINY).eval()
+    from gpusq.layers import ensure_compressed
+
+    names = [f"blocks.{i}.{r}" for i in range(2) for r in ("attn.qkv", "attn.proj", "mlp.fc1")]
+    for layer in ensure_compressed(m, names).values():  # fc2 left dense
+        layer.set_mask_(mask_2to4(layer.weight))
+        layer.set_quant_(QuantSpec("int8"), QuantSpec("int8"))
+    fm, why = _fused_copy(m)
+    assert why == "blocks.0.mlp.fc2 is not compressed"
+    assert not hasattr(fm.blocks, "gpusq_fused")  # left unchanged
