@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one script sent to the GPU machine (H100): install, GPU tests, benchmarks; logs to $OUT.
-#   bash benchmarks/gpu_run.sh STAGE...   stages: probe tests deit_b models sweep
+# The one script sent to the GPU machine (H200): install, GPU tests, benchmarks; logs to $OUT.
+#   bash benchmarks/gpu_run.sh STAGE...   stages: probe cifar fusedcheck tests deit_b deit_ts small deit_b_model fp8
+# Carry .whl (nvmath-python wheel) and .carry (cifar10-jpeg-20k.zip copied from ../shared/data).
 # Searched cuSPARSELt algorithm ids persist across calls via .carry/cslt_algs.json (carried).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -8,6 +9,12 @@ OUT=${OUT:-/tmp/gpusq_out}; mkdir -p "$OUT"
 export GPUSQ_CACHE_DIR=/tmp/gpusq_cache; mkdir -p "$GPUSQ_CACHE_DIR"
 [ -f .carry/cslt_algs.json ] && cp .carry/cslt_algs.json "$GPUSQ_CACHE_DIR/"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/pip.txt 2>&1 || { cat /tmp/pip.txt; exit 1; }
+# the gpu extra (nvmath-python) travels as a wheel in .whl/ (git-ignored; see docs/deploy.md)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >/tmp/pipw.txt 2>&1 || { cat /tmp/pipw.txt; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 LOG="$OUT/log.txt"
 summary() { cp -f "$GPUSQ_CACHE_DIR/cslt_algs.json" "$OUT/" 2>/dev/null; }
 trap summary EXIT
@@ -29,12 +36,24 @@ for k in ("int8", "fp8", "bf16"):
         print("epilogue", k, "FAILED", str(e).splitlines()[0])
 PY
       ;;
+    cifar)  # the trained CIFAR-10 DeiTs of the correctness tests, made here in seconds
+      [ -f .carry/cifar_deit_int4/model.safetensors ] || timeout 300 python3 tests/gpu/make_cifar_model.py --device cuda \
+        --zip .carry/cifar10-jpeg-20k.zip --out .carry 2>&1 | grep -vE "^  step" | tee -a "$LOG"
+      ;;
+    fusedcheck)  # each fused kernel against its reference, quick (before the whole suite)
+      timeout ${T_FC:-240} python3 -m pytest -m gpu tests/gpu/test_fused_gpu.py -q -s -p no:cacheprovider 2>&1 \
+        | tee "$OUT/fusedcheck.txt" | grep -E "CORRECTNESS|passed|failed|Error|error|assert" | tee -a "$LOG"
+      ;;
     tests)
       timeout ${T_TESTS:-400} python3 -m pytest -m gpu tests/gpu ${PYTEST_X--x} -q -s -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | grep -E "CORRECTNESS|passed|failed|Error|error" | tee -a "$LOG"
       ;;
     deit_b)
-      timeout ${T_DEITB:-500} gpusq bench --model deit_base_patch16_224 --recipe int8 --batch 1,256 --profile --plot "$OUT/bench_deit_b.png" \
-        --json "$OUT/bench_deit_b.json" 2>&1 | tee -a "$LOG"
+      timeout ${T_DEITB:-500} gpusq bench --model deit_base_patch16_224 --recipe int8 --batch 1,256 --profile \
+        --json "$OUT/deit_b.json" 2>&1 | tee -a "$LOG"
+      ;;
+    deit_ts)
+      timeout ${T_DEITTS:-400} gpusq bench --model deit_tiny_patch16_224,deit_small_patch16_224 --recipe int8 \
+        --batch 1,256 --profile --json "$OUT/deit_ts.json" 2>&1 | tee -a "$LOG"
       ;;
     small)
       timeout ${T_SMALL:-540} gpusq bench --model deit_tiny_patch16_224,deit_small_patch16_224,swin_tiny_patch4_window7_224 \

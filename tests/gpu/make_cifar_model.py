@@ -8,7 +8,7 @@ weights hide problems (flat logits, no outliers). Output (git-ignored, carried t
     .carry/cifar_deit_int4/      the same 2:4 model after INT4 (W4A8) QAT
     .carry/cifar_test.safetensors  2,000 test images (uint8 NCHW) + labels
 
-Run: python tests/gpu/make_cifar_model.py [--zip PATH] [--out .carry]
+Run: python tests/gpu/make_cifar_model.py [--zip PATH] [--out .carry] [--device cuda]
 """
 
 from __future__ import annotations
@@ -45,8 +45,13 @@ def load_split(zf: zipfile.ZipFile, split: str) -> tuple[torch.Tensor, torch.Ten
     return torch.from_numpy(np.stack(xs)), torch.tensor(ys)
 
 
+DEVICE = torch.device("cpu")
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    return (x.float() / 255.0 - MEAN) / STD
+    """uint8 images (CPU) -> normalized float on ``DEVICE``."""
+    x = x.to(DEVICE)
+    return (x.float() / 255.0 - MEAN.to(DEVICE)) / STD.to(DEVICE)
 
 
 def train(model, x, y, epochs: float, lr: float, bs: int = 128) -> None:
@@ -60,7 +65,7 @@ def train(model, x, y, epochs: float, lr: float, bs: int = 128) -> None:
         xb = normalize(x[idx])
         if torch.rand(1, generator=g) < 0.5:
             xb = xb.flip(3)
-        loss = F.cross_entropy(model(xb), y[idx], label_smoothing=0.1)
+        loss = F.cross_entropy(model(xb), y[idx].to(DEVICE), label_smoothing=0.1)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -75,7 +80,7 @@ def accuracy(model, x, y) -> float:
     model.eval()
     correct = 0
     for i in range(0, len(x), 500):
-        correct += (model(normalize(x[i:i + 500])).argmax(1) == y[i:i + 500]).sum().item()
+        correct += (model(normalize(x[i:i + 500])).argmax(1).cpu() == y[i:i + 500]).sum().item()
     return correct / len(x)
 
 
@@ -92,14 +97,17 @@ def main() -> None:
     ap.add_argument("--zip", default="/work/shared/data/cifar10-jpeg-20k.zip")
     ap.add_argument("--out", default=".carry")
     ap.add_argument("--epochs", type=float, default=1.5)
+    ap.add_argument("--device", default="cpu", help="cpu (a few minutes on an idle 2-core machine) or cuda")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.manual_seed(0)
     t0 = time.time()
     with zipfile.ZipFile(args.zip) as zf:
         xtr, ytr = load_split(zf, "train")
         xte, yte = load_split(zf, "test")
     print(f"data {tuple(xtr.shape)} {tuple(xte.shape)} in {time.time() - t0:.0f}s", flush=True)
-    model = timm.create_model(MODEL, pretrained=False, **KWARGS)
+    model = timm.create_model(MODEL, pretrained=False, **KWARGS).to(DEVICE)
     train(model, xtr, ytr, args.epochs, 1e-3)
     print(f"dense acc {accuracy(model, xte[:2000], yte[:2000]):.3f} ({time.time() - t0:.0f}s)", flush=True)
     r = load_recipe("int8")
@@ -117,11 +125,13 @@ def main() -> None:
         train(model, xtr, ytr, 0.25, 5e-5)
         accs[name] = acc = accuracy(model, xte[:2000], yte[:2000])
         print(f"{name} 2:4 fake-quant acc {acc:.3f} ({time.time() - t0:.0f}s)", flush=True)
-        save_compressed(model, out / f"cifar_deit_{name}", r, MODEL, KWARGS)
+        save_compressed(model.cpu(), out / f"cifar_deit_{name}", r, MODEL, KWARGS)
         model = timm.create_model(MODEL, pretrained=False, **KWARGS)
         sparsify_(model, r.sparsity)
+        model.to(DEVICE)
     save_file({"images": xte[:2000].contiguous(), "labels": yte[:2000].contiguous()},
-              str(out / "cifar_test.safetensors"), metadata={f"fake_quant_acc_{k}": f"{v:.4f}" for k, v in accs.items()})
+              str(out / "cifar_test.safetensors"),
+              metadata={f"fake_quant_acc_{k}": f"{v:.4f}" for k, v in accs.items()})
     print("saved", out)
 
 

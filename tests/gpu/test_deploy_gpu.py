@@ -85,11 +85,14 @@ def test_linear_int8_matches_fake_quant():
     assert out.shape == ref.shape and err < 1e-2
 
 
-def test_deit_int8_deployed_matches_fake_quant():
+@pytest.mark.parametrize("recipe", ["int8", "int4"])
+def test_deit_deployed_matches_fake_quant(recipe):
+    """The trained CIFAR-10 DeiT (tests/gpu/make_cifar_model.py) deployed on the default path (fused
+    blocks where nvmath-python is installed) against its fake-quant model on 2,000 real images."""
     from gpusq.checkpoint import load_compressed
-    from gpusq.deploy import deploy
+    from gpusq.deploy import cslt, deploy
 
-    trained = CARRY / "cifar_deit_int8"
+    trained = CARRY / f"cifar_deit_{recipe}"
     if (trained / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
@@ -103,7 +106,7 @@ def test_deit_int8_deployed_matches_fake_quant():
         what = f"trained CIFAR-10 DeiT (depth 4), {len(x)} real test images"
         dm = deploy(str(trained), batch_sizes=(500,))
     else:
-        fq, r, size = compressed_model("int8", img_size=32, patch_size=4, num_classes=10, depth=4)
+        fq, r, size = compressed_model(recipe, img_size=32, patch_size=4, num_classes=10, depth=4)
         x = torch.randn(2000, *size, device="cuda")
         labels = None
         what = "random-init DeiT-T (depth 4) calibrated on random inputs, 2000 random inputs"
@@ -122,8 +125,11 @@ def test_deit_int8_deployed_matches_fake_quant():
     acc = (f", top-1 deployed {acc_d / len(x):.4f} vs fake-quant {acc_f / len(x):.4f}"
            if labels is not None else "")
     f_err, f_agree = max(f[0] for f in floors), sum(f[1] for f in floors) / len(floors)
-    print(f"CORRECTNESS deit int8 2:4 [{what}]: logits rel err (max over batches) {err:.2e}, "
-          f"top-1 agreement {agree:.4f}{acc}; bf16-autocast fake-quant vs fp32: {f_err:.2e}, {f_agree:.4f}")
+    print(f"CORRECTNESS deit {recipe} 2:4 [{what}] blocks {dm.fused}: logits rel err (max over batches) "
+          f"{err:.2e}, top-1 agreement {agree:.4f}{acc}; bf16-autocast fake-quant vs fp32: {f_err:.2e}, "
+          f"{f_agree:.4f}")
+    if cslt.available():
+        assert dm.fused == "fused"
     if labels is not None:  # the targets, on a trained model and real images
         assert err <= 1e-2 and agree >= 0.99
     else:  # random init: flat logits; catch wrong kernels/scales (those give errors ~1)
