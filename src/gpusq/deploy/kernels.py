@@ -1,0 +1,268 @@
+"""Triton kernels for the memory-bound glue of a quantized ViT: LayerNorm + quantize, the attention
+head merge + quantize, and quantize + zero-pad.
+
+Why hand-written kernels: between two int8/fp8 GEMMs the activation must be normalized (or have
+its heads merged), quantized and zero-padded to the GEMM's row/column alignment. Done as separate
+torch ops that is several round trips through memory; each function here reads its input once and
+writes the int8/fp8 codes (padding included) once, in one launch, with no host synchronization
+(the activation scale is read from device memory), so it can be captured in a CUDA graph.
+
+Quantization (the semantics of ``gpusq.deploy.fused``): int8 codes are
+``clamp(round_half_even(y * inv_scale), -128, 127)``, fp8 codes are
+``clamp(y * inv_scale, -448, 448)`` cast to E4M3 (round to nearest even), with ``y`` in float32.
+Padding rows/columns of the output are written as 0 and padding of the input is never read.
+
+The module imports without triton (and without a GPU); the functions then raise ``RuntimeError``.
+Under ``TRITON_INTERPRET=1`` (set before this module is imported) they run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no triton: importable, the functions raise
+    triton = None
+    tl = None
+
+__all__ = ["layernorm_quant", "quantize_heads", "quantize_pad", "HAS_TRITON"]
+
+HAS_TRITON = triton is not None
+
+# Tile sizes, chosen from the SASS of the kernels compiled for sm_90 (instruction count per element,
+# registers, no spills). The H200 streams ~18 bytes per SM clock, i.e. ~6 elements per clock for
+# bf16 in / int8 out, against 128 instructions per clock: ~21 instructions per element is the budget.
+# LayerNorm: 48 elements per thread (4 warps, 128 registers) keeps it at ~21 (vs ~26 at 24 elements,
+# dominated by per-row reduction overhead); the head merge is ~11 per element at 32.
+_LN_ELEMS = 6144  # rows * width per LayerNorm program (4 warps)
+_HEADS_TILE = (16, 256)  # rows, columns per head-merge program (4 warps)
+_MIN_PROGRAMS = 256  # fewer rows per program below this many programs (small batches: latency-bound)
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+@_jit
+def _quantize(y, inv_scale, valid, FP8: tl.constexpr):
+    """float32 values -> int8 / e4m3 codes; 0 where ``valid`` is false (padding).
+
+    Rounding is the float32 magic-number trick, not ``libdevice.rint``: rint returns nothing under
+    TRITON_INTERPRET=1 (Triton 3.8), while the trick is plain float32 adds, exact
+    round-half-to-even in both the compiled kernel and the interpreter. The clamp to [-128, 127]
+    comes first (same result, the bounds are integers): it bounds |v| well below 2**22, and it keeps
+    the multiply from being contracted with the rounding add into one FMA (the sm_90 SASS keeps a
+    separate FADD). The interpreter's float -> e4m3 conversion is not exact round-to-nearest-even
+    (numpy emulation); compiled for Hopper it is ``cvt.rn.satfinite.e4m3x2.f32``.
+    """
+    v = y * inv_scale
+    if FP8:
+        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+        v = tl.where(valid, v, 0.0)
+        return v.to(tl.float8e4nv)  # round to nearest even, like torch's .to(torch.float8_e4m3fn)
+    else:
+        v = tl.minimum(tl.maximum(v, -128.0), 127.0)
+        # 12582912 = 1.5 * 2**23: v + 1.5 * 2**23 lies in [2**23, 2**24), where the float32 spacing is 1,
+        # so the add rounds v to an integer k (round to nearest even) and the float's bits are
+        # 0x4B400000 + k: the low byte is k as int8. Taking it saves the float->int conversion.
+        v = tl.where(valid, v, 0.0) + 12582912.0
+        return v.to(tl.int32, bitcast=True).to(tl.int8)
+
+
+@_jit
+def _ln_load(x_ptr, row_off, row_ok, c, cols, stride_xc):
+    """One column chunk of the rows, float32; masked lanes are never read (padding, even NaN, cannot
+    reach the sums) and hold 0."""
+    ok = row_ok[:, None] & (c < cols)[None, :]
+    x = tl.load(x_ptr + row_off[:, None] + c[None, :] * stride_xc, mask=ok, other=0.0)
+    return x.to(tl.float32), ok
+
+
+@_jit
+def _ln_store(out_ptr, out_off, out_row_ok, c, out_cols, xc, ok, rstd, w_ptr, b_ptr, cols, inv_scale,
+              HAS_BIAS: tl.constexpr, FP8: tl.constexpr):
+    col_ok = c < cols
+    y = xc * rstd[:, None] * tl.load(w_ptr + c, mask=col_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + c, mask=col_ok, other=0.0)[None, :]
+    q = _quantize(y, inv_scale, ok, FP8)
+    tl.store(out_ptr + out_off[:, None] + c[None, :], q, mask=out_row_ok[:, None] & (c < out_cols)[None, :])
+
+
+@_jit
+def _layernorm_quant_kernel(x_ptr, w_ptr, b_ptr, inv_scale_ptr, out_ptr,
+                            rows, cols, cols_f, out_rows, out_cols, stride_xm, stride_xc, stride_om, eps,
+                            HAS_BIAS: tl.constexpr, FP8: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_C1: tl.constexpr, BLOCK_C2: tl.constexpr):
+    """BLOCK_M whole rows per program, held in registers: one read of x, one write of the codes.
+
+    A row is two power-of-two chunks, BLOCK_C1 + BLOCK_C2 >= out_cols (BLOCK_C2 may be 0): ViT
+    widths are 3 * 2**k (192, 384, 768, 1536), which one power-of-two block covers with 25% idle
+    lanes; the kernel is close to compute-bound on the H200, so the idle lanes would cost ~25%.
+    """
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r64 = r.to(tl.int64)
+    row_ok = r < rows
+    c1 = tl.arange(0, BLOCK_C1)
+    x1, ok1 = _ln_load(x_ptr, r64 * stride_xm, row_ok, c1, cols, stride_xc)
+    total = tl.sum(x1, axis=1)
+    if BLOCK_C2 > 0:
+        c2 = BLOCK_C1 + tl.arange(0, BLOCK_C2)
+        x2, ok2 = _ln_load(x_ptr, r64 * stride_xm, row_ok, c2, cols, stride_xc)
+        total += tl.sum(x2, axis=1)
+    mean = tl.div_rn(total, cols_f)
+    xc1 = tl.where(ok1, x1 - mean[:, None], 0.0)
+    sq = tl.sum(xc1 * xc1, axis=1)
+    if BLOCK_C2 > 0:
+        xc2 = tl.where(ok2, x2 - mean[:, None], 0.0)
+        sq += tl.sum(xc2 * xc2, axis=1)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sq, cols_f) + eps))
+    inv_scale = tl.load(inv_scale_ptr)
+    out_row_ok = r < out_rows
+    _ln_store(out_ptr, r64 * stride_om, out_row_ok, c1, out_cols, xc1, ok1, rstd, w_ptr, b_ptr, cols, inv_scale,
+              HAS_BIAS, FP8)
+    if BLOCK_C2 > 0:
+        _ln_store(out_ptr, r64 * stride_om, out_row_ok, c2, out_cols, xc2, ok2, rstd, w_ptr, b_ptr, cols,
+                  inv_scale, HAS_BIAS, FP8)
+
+
+@_jit
+def _quantize_heads_kernel(o_ptr, inv_scale_ptr, out_ptr,
+                           n_tokens, batch, heads, out_rows, out_cols,
+                           stride_b, stride_h, stride_n, stride_d, stride_om,
+                           D: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A [BLOCK_M, BLOCK_C] tile of the output; row r = b*N + n, column c = h*D + d.
+
+    The index split is done on the 1-D row and column ranges (not per element), and D is a
+    constexpr so that ``c // D``, ``c % D`` keep the contiguity Triton needs to vectorize loads.
+    """
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = r // n_tokens
+    n = r - b * n_tokens
+    h = c // D
+    d = c % D
+    row_off = b.to(tl.int64) * stride_b + n.to(tl.int64) * stride_n
+    col_off = h.to(tl.int64) * stride_h + d * stride_d
+    ok = (b < batch)[:, None] & (h < heads)[None, :]
+    y = tl.load(o_ptr + row_off[:, None] + col_off[None, :], mask=ok, other=0.0).to(tl.float32)
+    q = _quantize(y, tl.load(inv_scale_ptr), ok, FP8)
+    out_mask = (r < out_rows)[:, None] & (c < out_cols)[None, :]
+    tl.store(out_ptr + r.to(tl.int64)[:, None] * stride_om + c[None, :], q, mask=out_mask)
+
+
+def _check_triton(*tensors: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError("gpusq.deploy.kernels needs triton (pip install triton); it is not importable here")
+    interpreted = type(_quantize_heads_kernel).__name__ == "InterpretedFunction"
+    if not interpreted and any(t.device.type != "cuda" for t in tensors):
+        raise RuntimeError("gpusq.deploy.kernels runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1 "
+                           "set before gpusq.deploy.kernels is imported)")
+
+
+def _row_chunks(width: int) -> tuple[int, int]:
+    """Two power-of-two chunks covering ``width`` with little excess: (largest power of two <= width,
+    next power of two >= the rest, or 0)."""
+    c1 = 1 << (width.bit_length() - 1)
+    rest = width - c1
+    return c1, (triton.next_power_of_2(rest) if rest else 0)
+
+
+def _is_fp8(out_dtype: torch.dtype) -> bool:
+    if out_dtype == torch.int8:
+        return False
+    if out_dtype == torch.float8_e4m3fn:
+        return True
+    raise ValueError(f"out_dtype must be torch.int8 or torch.float8_e4m3fn, got {out_dtype}")
+
+
+def _output(out: torch.Tensor | None, rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+    if out is None:
+        return torch.empty((rows, cols), dtype=dtype, device=device)
+    if tuple(out.shape) != (rows, cols) or out.dtype != dtype or out.device != device or out.stride(1) != 1:
+        raise ValueError(f"out must be a [{rows}, {cols}] {dtype} tensor on {device} with unit column stride, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device} with strides {out.stride()}")
+    return out
+
+
+def _check_scale(inv_scale: torch.Tensor, device) -> None:
+    if inv_scale.numel() != 1 or inv_scale.dtype != torch.float32 or inv_scale.device != device:
+        raise ValueError("inv_scale must be a one-element float32 tensor on the input's device (read in the kernel: "
+                         f"no host sync), got {inv_scale.dtype} {tuple(inv_scale.shape)} on {inv_scale.device}")
+
+
+def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                    inv_scale: torch.Tensor, rows: int, cols: int, out_dtype: torch.dtype = torch.int8,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm over the first ``cols`` entries of the first ``rows`` rows of ``x`` [Mp, Cp], then
+    quantized with ``inv_scale`` (1 / activation scale); returns [Mp, Cp] codes, zero elsewhere.
+
+    Statistics in float32 (biased variance), as ``F.layer_norm`` in float32. One launch, one read
+    of ``x`` and one write of the output: the int8/fp8 GEMM input comes straight out of the norm.
+    """
+    _check_triton(x, weight, inv_scale, *([bias] if bias is not None else []))
+    fp8 = _is_fp8(out_dtype)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [Mp, Cp], got shape {tuple(x.shape)}")
+    mp, cp = x.shape
+    if not (0 <= rows <= mp and 1 <= cols <= cp):
+        raise ValueError(f"need 0 <= rows <= {mp} and 1 <= cols <= {cp}, got rows={rows}, cols={cols}")
+    if any(t is not None and (t.numel() != cols or not t.is_contiguous()) for t in (weight, bias)):
+        raise ValueError(f"weight and bias must be contiguous with {cols} elements")
+    _check_scale(inv_scale, x.device)
+    out = _output(out, mp, cp, out_dtype, x.device)
+    if mp == 0:
+        return out
+    block_c1, block_c2 = _row_chunks(cp)
+    block_m = 1 << max(0, (_LN_ELEMS // cp).bit_length() - 1)  # largest power of 2 <= elems / cp, at least 1
+    while block_m > 1 and mp < _MIN_PROGRAMS * block_m:
+        block_m //= 2
+    grid = (triton.cdiv(mp, block_m),)
+    _layernorm_quant_kernel[grid](
+        x, weight, bias if bias is not None else weight, inv_scale, out,
+        rows, cols, float(cols), mp, cp, x.stride(0), x.stride(1), out.stride(0), eps,
+        HAS_BIAS=bias is not None, FP8=fp8, BLOCK_M=block_m, BLOCK_C1=block_c1, BLOCK_C2=block_c2,
+        num_warps=4 if cp <= 8192 else 8 if cp <= 16384 else 16)  # wider rows than ViTs': still in registers
+    return out
+
+
+def quantize_heads(o: torch.Tensor, inv_scale: torch.Tensor, rows_out: int, cols_out: int,
+                   out_dtype: torch.dtype = torch.int8, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention output [B, H, N, D] (any strides) -> [rows_out, cols_out] codes with
+    ``out[b*N + n, h*D + d] = quant(o[b, h, n, d])`` and zero padding.
+
+    Fuses the head merge (``transpose(1, 2).reshape(B*N, H*D)``), the quantization and the
+    zero-padding to the GEMM alignment into one pass that reads ``o`` once in its own layout.
+    """
+    _check_triton(o, inv_scale)
+    fp8 = _is_fp8(out_dtype)
+    if o.dim() != 4:
+        raise ValueError(f"o must be 4-D [B, H, N, D], got shape {tuple(o.shape)}")
+    bsz, heads, n_tok, hd = o.shape
+    if rows_out < bsz * n_tok or cols_out < heads * hd:
+        raise ValueError(f"output [{rows_out}, {cols_out}] is smaller than [B*N, H*D] = [{bsz * n_tok}, {heads * hd}]")
+    _check_scale(inv_scale, o.device)
+    out = _output(out, rows_out, cols_out, out_dtype, o.device)
+    if rows_out == 0 or cols_out == 0:
+        return out
+    block_c = min(_HEADS_TILE[1], triton.next_power_of_2(cols_out))
+    block_m = min(_HEADS_TILE[0] * _HEADS_TILE[1] // block_c, triton.next_power_of_2(rows_out))
+    grid = (triton.cdiv(rows_out, block_m), triton.cdiv(cols_out, block_c))
+    _quantize_heads_kernel[grid](
+        o, inv_scale, out, max(n_tok, 1), bsz, heads, rows_out, cols_out,
+        o.stride(0), o.stride(1), o.stride(2), o.stride(3), out.stride(0),
+        D=max(hd, 1), FP8=fp8, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+    return out
+
+
+def quantize_pad(x: torch.Tensor, inv_scale: torch.Tensor, rows_out: int, cols_out: int,
+                 out_dtype: torch.dtype = torch.int8, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[M, C] (any strides) -> [rows_out, cols_out] codes, zero-padded: quantize and pad in one pass.
+
+    The head-merge kernel with B = M, H = N = 1, D = C (same loads, the index split folds away).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, C], got shape {tuple(x.shape)}")
+    return quantize_heads(x[:, None, None, :], inv_scale, rows_out, cols_out, out_dtype=out_dtype, out=out)
