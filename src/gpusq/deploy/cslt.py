@@ -327,3 +327,16 @@ def bias_dtype_for(out: str) -> torch.dtype:
             return dt
     raise GpusqError(f"cuSPARSELt's epilogue gives wrong results for INT8 2:4 with a bias and {out} output with "
                      f"every bias dtype tried ({errors})")
+
+
+def max_alg_id(g: SparseGemm, mp: int, bias_dtype: torch.dtype | None) -> int:
+    """The largest algorithm id cuSPARSELt offers for this GEMM at ``mp`` rows (CONFIG_MAX_ID)."""
+    cl = _cl()
+    p = _Plan(g, mp, bias_dtype, None)
+    try:
+        a = cl.MatmulAlgAttribute.CONFIG_MAX_ID
+        v = np.zeros(1, dtype=cl.get_matmul_alg_attribute_dtype(a))
+        cl.matmul_alg_get_attribute(handle(), p.sel, a, v.ctypes.data, v.nbytes)
+        return int(v[0])
+    finally:
+        p.destroy()

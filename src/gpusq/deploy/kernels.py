@@ -195,7 +195,8 @@ def _check_scale(inv_scale: torch.Tensor, device) -> None:
 
 def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
                     inv_scale: torch.Tensor, rows: int, cols: int, out_dtype: torch.dtype = torch.int8,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, *, block_m: int | None = None,
+                    num_warps: int | None = None) -> torch.Tensor:
     """LayerNorm over the first ``cols`` entries of the first ``rows`` rows of ``x`` [Mp, Cp], then
     quantized with ``inv_scale`` (1 / activation scale); returns [Mp, Cp] codes, zero elsewhere.
 
@@ -216,15 +217,16 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if mp == 0:
         return out
     block_c1, block_c2 = _row_chunks(cp)
-    block_m = 1 << max(0, (_LN_ELEMS // cp).bit_length() - 1)  # largest power of 2 <= elems / cp, at least 1
-    while block_m > 1 and mp < _MIN_PROGRAMS * block_m:
-        block_m //= 2
+    if block_m is None:  # (block_m, num_warps: tuning knobs for benchmarks/speed_probe.py)
+        block_m = 1 << max(0, (_LN_ELEMS // cp).bit_length() - 1)  # largest power of 2 <= elems / cp, >= 1
+        while block_m > 1 and mp < _MIN_PROGRAMS * block_m:
+            block_m //= 2
     grid = (triton.cdiv(mp, block_m),)
     _layernorm_quant_kernel[grid](
         x, weight, bias if bias is not None else weight, inv_scale, out,
         rows, cols, float(cols), mp, cp, x.stride(0), x.stride(1), out.stride(0), eps,
         HAS_BIAS=bias is not None, FP8=fp8, BLOCK_M=block_m, BLOCK_C1=block_c1, BLOCK_C2=block_c2,
-        num_warps=4 if cp <= 8192 else 8 if cp <= 16384 else 16)  # wider rows than ViTs': still in registers
+        num_warps=num_warps or (4 if cp <= 8192 else 8 if cp <= 16384 else 16))  # wide rows: still in registers
     return out
 
 
