@@ -55,6 +55,13 @@ def ref_quantize_heads(o, inv_scale, rows_out, cols_out, out_dtype=torch.int8, o
     return F.pad(q, (0, cols_out - h * d, 0, rows_out - b * n))
 
 
+def ref_assemble_tokens(tokens, prefix, pos, rows_out, cols_out, out=None):
+    b = tokens.shape[0]
+    x = torch.cat([prefix[None].expand(b, -1, -1), tokens], 1) + pos[None] if prefix is not None else tokens + pos
+    x = x.reshape(-1, x.shape[-1]).float()
+    return F.pad(x, (0, cols_out - x.shape[1], 0, rows_out - x.shape[0])).to(tokens.dtype)
+
+
 @pytest.fixture
 def reference_kernels(monkeypatch):
     import gpusq.deploy.cslt as cslt
@@ -63,6 +70,7 @@ def reference_kernels(monkeypatch):
     monkeypatch.setattr(cslt, "SparseGemm", RefGemm)
     monkeypatch.setattr(kernels, "layernorm_quant", ref_layernorm_quant)
     monkeypatch.setattr(kernels, "quantize_heads", ref_quantize_heads)
+    monkeypatch.setattr(kernels, "assemble_tokens", ref_assemble_tokens)
 
 
 def _compressed(name="deit_tiny_patch16_224", recipe="int8", seed=0, **kw):
@@ -162,3 +170,30 @@ def test_unfusable_models_say_why():
     fm, why = _fused_copy(m)
     assert why == "blocks.0.mlp.fc2 is not compressed"
     assert not hasattr(fm.blocks, "gpusq_fused")  # left unchanged
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_fused_forward_matches(reference_kernels, name):
+    """Token assembly (class + distillation tokens, position add, padding) and the class-token-only final
+    norm + head give the fake-quant model's logits."""
+    from gpusq.deploy.vit import fuse_vit_forward
+
+    model, size = _compressed(name, **TINY)
+    fm, why = _fused_copy(model)
+    assert why is None and fuse_vit_forward(fm) is None
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        ref, out = model(x), fm(x)
+    assert out.shape == ref.shape and _rel(out, ref) < 3e-2
+    with torch.no_grad():
+        fm._gpusq_pos = torch.roll(fm._gpusq_pos, 1, 0)  # a misplaced position embedding shows
+        assert _rel(fm(x), ref) > 5e-2
+
+
+def test_fused_forward_refuses_other_pooling(reference_kernels):
+    from gpusq.deploy.vit import fuse_vit_forward
+
+    model, _ = _compressed(global_pool="avg", **TINY)
+    fm, why = _fused_copy(model)
+    assert why is None
+    assert "class-token pooling" in fuse_vit_forward(fm)

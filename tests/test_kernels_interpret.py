@@ -235,6 +235,29 @@ def case_pad_int8_ties_strided(K, dev, interpreted):
         assert q[0, :10].tolist() == [0, 2, 2, 0, -2, -2, 126, 127, -128, -128]
 
 
+def case_assemble_tokens(K, dev, interpreted):
+    """cat(prefix tokens, patches) + pos, padded: exactly timm's bf16 concat and add, padding zero."""
+    torch.manual_seed(8)
+    b, t, c, p = 3, 5, 70, 2
+    tokens = torch.randn(b, t, c + 6).to(torch.bfloat16)[:, :, :c]  # unit column stride, padded rows
+    prefix, pos = torch.randn(p, c).to(torch.bfloat16), torch.randn(p + t, c).to(torch.bfloat16)
+
+    def bf16(v: torch.Tensor) -> torch.Tensor:
+        """float32 sum -> bf16 as the kernel rounds it: to nearest even compiled (torch's bf16 add does
+        the same); the interpreter truncates (Triton 3.8), so compare with truncation there."""
+        if interpreted:
+            return (v.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+        return v.to(torch.bfloat16)
+
+    out = K.assemble_tokens(tokens.to(dev), prefix.to(dev), pos.to(dev), 32, 96).cpu()
+    ref = torch.cat([prefix[None].expand(b, -1, -1), tokens], 1).float() + pos[None].float()
+    assert out.dtype == torch.bfloat16 and out.shape == (32, 96)
+    assert torch.equal(out[: b * (p + t), :c], bf16(ref.reshape(b * (p + t), c)))
+    assert not out[b * (p + t):].float().any() and not out[:, c:].float().any()
+    out = K.assemble_tokens(tokens.to(dev), None, pos[:t].contiguous().to(dev), 16, 70).cpu()  # no prefix
+    assert torch.equal(out[: b * t], bf16((tokens.float() + pos[:t][None].float()).reshape(b * t, c)))
+
+
 def case_out_given(K, dev, interpreted):
     """out= is written in place, padding included (it starts as garbage)."""
     torch.manual_seed(7)

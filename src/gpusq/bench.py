@@ -516,8 +516,9 @@ def cli_main(argv: list[str], prog: str = "gpusq bench", command: str = "bench")
                 del runner, fn
             if var.deployed is not None:
                 kernels[f"{label}/{vname}"] = var.deployed.kernel_report()
-                setup[f"{model_name}/{vname}"]["path"] = getattr(var.deployed, "fused", None)
-                print(f"[{label}] {vname}: blocks {getattr(var.deployed, 'fused', None)}", file=sys.stderr)
+                path = {"blocks": var.deployed.fused, "embed_and_head": var.deployed.fused_forward}
+                setup[f"{model_name}/{vname}"]["path"] = path
+                print(f"[{label}] {vname}: {path}", file=sys.stderr)
             del var
             torch.cuda.empty_cache()
         if len(args.model.split(",")) > 1:  # each model's table as soon as it is done

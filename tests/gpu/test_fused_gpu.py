@@ -157,3 +157,13 @@ def test_fused_deit_capture_and_batches():
         err = rel_err(a, ref)
         print(f"CORRECTNESS fused deit int8 width 200 batch {b} [random-init]: rel err vs fake-quant {err:.2e}")
         assert rel_err(a, e) < 1e-3 and err < 5e-2
+
+
+def test_glue_kernel_cases_compiled():
+    """Every case of tests/test_kernels_interpret.py, compiled for this GPU (fp8 compared everywhere)."""
+    from tests.test_kernels_interpret import _worker
+
+    res = _worker("cuda")
+    bad = {k: v.strip().splitlines()[-1] for k, v in res.items() if v}
+    print(f"CORRECTNESS glue kernel cases compiled on the GPU: {len(res) - len(bad)}/{len(res)} pass {bad or ''}")
+    assert not bad

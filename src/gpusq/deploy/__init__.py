@@ -97,6 +97,8 @@ class DeployedModel(nn.Module):
         self.input_dtype = input_dtype
         self.dense_dtype = dense_dtype
         self._compiled = False
+        self.fused = "off"  # set by deploy(): "fused" or why the blocks run per layer
+        self.fused_forward: str | None = None  # whether the token assembly / final norm are fused too
         self._runners: dict[int, object] = {}
         self._pool = None
 
@@ -154,10 +156,13 @@ class DeployedModel(nn.Module):
                 for gname, g in m.gemms().items():
                     ep = [t for t, on in (("alpha", True), ("bias", g.bias is not None), ("gelu", g.gelu),
                                           ("residual", g.residual)) if on]
-                    out.append({"layer": f"{name}.{gname}", "kind": "int8", "sparse": True, "n": g.n, "k": g.k,
-                                "epilogue": "+".join(ep) + f"->{g.out}",
-                                "choice": {mp: ["sparse-nvmath", t["alg"]] for mp, t in g.report().items()},
-                                "ms": {mp: {"sparse": t["ms"]} for mp, t in g.report().items()}})
+                    lib = "cusparselt-nvmath" if g.out_dtype != torch.float8_e4m3fn and not hasattr(g, "w_fp8") \
+                        else "cublaslt-nvmath"
+                    sparse = lib.startswith("cusparselt")
+                    out.append({"layer": f"{name}.{gname}", "kind": "int8" if sparse else "fp8", "sparse": sparse,
+                                "n": g.n, "k": g.k, "epilogue": "+".join(ep) + f"->{g.out}",
+                                "choice": {str(mp): [lib, t["alg"]] for mp, t in g.report().items()},
+                                "ms": {str(mp): {lib: t["ms"]} for mp, t in g.report().items()}})
         for name, m in self.model.named_modules():
             if isinstance(m, DeployedLinear):
                 out.append({"layer": name, "kind": m.kind, "sparse": m.sparse, "n": m.out_features,
@@ -258,6 +263,11 @@ def deploy(model_or_dir, recipe=None, batch_sizes=(1,), *, input_size: tuple[int
     out = DeployedModel(model, size, compile=compile, cuda_graphs=cuda_graphs, input_dtype=input_dtype,
                         dense_dtype=dense_dtype)
     out.fused = fused_status
+    if fused_status == "fused":
+        from gpusq.deploy.vit import fuse_vit_forward
+
+        why = fuse_vit_forward(model)
+        out.fused_forward = "fused" if why is None else f"timm's ({why})"
     for b in batch_sizes:
         out.prepare(int(b))
     return out

@@ -27,7 +27,7 @@ except ImportError:  # no triton: importable, the functions raise
     triton = None
     tl = None
 
-__all__ = ["layernorm_quant", "quantize_heads", "quantize_pad", "HAS_TRITON"]
+__all__ = ["layernorm_quant", "quantize_heads", "quantize_pad", "assemble_tokens", "HAS_TRITON"]
 
 HAS_TRITON = triton is not None
 
@@ -39,6 +39,7 @@ HAS_TRITON = triton is not None
 _LN_ELEMS = 6144  # rows * width per LayerNorm program (4 warps)
 _HEADS_TILE = (16, 256)  # rows, columns per head-merge program (4 warps)
 _MIN_PROGRAMS = 256  # fewer rows per program below this many programs (small batches: latency-bound)
+_LN_BIG_ROWS = 4096  # from here on the measured large-input configuration (see layernorm_quant)
 
 
 def _jit(fn):
@@ -153,6 +154,33 @@ def _quantize_heads_kernel(o_ptr, inv_scale_ptr, out_ptr,
     tl.store(out_ptr + r.to(tl.int64)[:, None] * stride_om + c[None, :], q, mask=out_mask)
 
 
+@_jit
+def _assemble_tokens_kernel(tok_ptr, prefix_ptr, pos_ptr, out_ptr,
+                            n_tokens, n_prefix, batch, cols, out_rows, out_cols, stride_tb, stride_tn, stride_om,
+                            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row r = b*N + t of the padded token matrix: prefix token t (t < P) or patch t - P, plus pos[t]."""
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = r // n_tokens
+    t = r - b * n_tokens
+    row_ok = b < batch
+    col_ok = c < cols
+    pre = (t < n_prefix) & row_ok
+    pat = (t >= n_prefix) & row_ok
+    tp = tl.maximum(t - n_prefix, 0)
+    tok = tl.load(tok_ptr + b.to(tl.int64)[:, None] * stride_tb + tp.to(tl.int64)[:, None] * stride_tn + c[None, :],
+                  mask=pat[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    tq = tl.minimum(t, n_prefix - 1)
+    tq = tl.maximum(tq, 0)
+    pfx = tl.load(prefix_ptr + tq[:, None] * cols + c[None, :], mask=pre[:, None] & col_ok[None, :],
+                  other=0.0).to(tl.float32)
+    ok = row_ok[:, None] & col_ok[None, :]
+    pos = tl.load(pos_ptr + t[:, None] * cols + c[None, :], mask=ok, other=0.0).to(tl.float32)
+    y = tl.where(ok, tok + pfx + pos, 0.0)
+    tl.store(out_ptr + r.to(tl.int64)[:, None] * stride_om + c[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=(r < out_rows)[:, None] & (c < out_cols)[None, :])
+
+
 def _check_triton(*tensors: torch.Tensor) -> None:
     if triton is None:
         raise RuntimeError("gpusq.deploy.kernels needs triton (pip install triton); it is not importable here")
@@ -217,6 +245,10 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if mp == 0:
         return out
     block_c1, block_c2 = _row_chunks(cp)
+    if block_m is None and num_warps is None and mp >= _LN_BIG_ROWS and cp <= 1024:
+        # measured on the H200 (benchmarks/speed_probe.py, 50432 x 768): 2 rows per program, one warp
+        # each: 42 us against 54 us for 8 rows / 4 warps (a copy of the same bytes: 29 us)
+        block_m, num_warps = 2, 1
     if block_m is None:  # (block_m, num_warps: tuning knobs for benchmarks/speed_probe.py)
         block_m = 1 << max(0, (_LN_ELEMS // cp).bit_length() - 1)  # largest power of 2 <= elems / cp, >= 1
         while block_m > 1 and mp < _MIN_PROGRAMS * block_m:
@@ -268,3 +300,36 @@ def quantize_pad(x: torch.Tensor, inv_scale: torch.Tensor, rows_out: int, cols_o
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, C], got shape {tuple(x.shape)}")
     return quantize_heads(x[:, None, None, :], inv_scale, rows_out, cols_out, out_dtype=out_dtype, out=out)
+
+
+def assemble_tokens(tokens: torch.Tensor, prefix: torch.Tensor | None, pos: torch.Tensor, rows_out: int,
+                    cols_out: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A ViT's input to its first block, padded: ``cat([prefix tokens, patch tokens]) + pos_embed`` for
+    every image, written as [rows_out, cols_out] (``tokens``' dtype) with zero padding, in one pass.
+
+    ``tokens`` [B, T, C] (patch embeddings, unit column stride), ``prefix`` [P, C] (class / distillation
+    tokens, or None), ``pos`` [P + T, C]. Replaces timm's concat, the position add and the row padding
+    of the fused blocks (three passes over the activations) with one.
+    """
+    _check_triton(tokens, pos)
+    if tokens.dim() != 3 or tokens.stride(2) != 1:
+        raise ValueError(f"tokens must be [B, T, C] with unit column stride, got {tuple(tokens.shape)}")
+    bsz, n_patch, c = tokens.shape
+    n_prefix = 0 if prefix is None else prefix.shape[0]
+    n_tok = n_prefix + n_patch
+    if tuple(pos.shape) != (n_tok, c) or not pos.is_contiguous():
+        raise ValueError(f"pos must be a contiguous [{n_tok}, {c}] tensor, got {tuple(pos.shape)}")
+    if prefix is not None and (tuple(prefix.shape) != (n_prefix, c) or not prefix.is_contiguous()):
+        raise ValueError(f"prefix must be a contiguous [P, {c}] tensor, got {tuple(prefix.shape)}")
+    if rows_out < bsz * n_tok or cols_out < c:
+        raise ValueError(f"output [{rows_out}, {cols_out}] is smaller than [B*N, C] = [{bsz * n_tok}, {c}]")
+    out = _output(out, rows_out, cols_out, tokens.dtype, tokens.device)
+    if rows_out == 0:
+        return out
+    block_c = min(256, triton.next_power_of_2(cols_out))
+    block_m = min(16 * 256 // block_c, triton.next_power_of_2(rows_out))
+    grid = (triton.cdiv(rows_out, block_m), triton.cdiv(cols_out, block_c))
+    _assemble_tokens_kernel[grid](
+        tokens, prefix if prefix is not None else pos, pos, out, max(n_tok, 1), n_prefix, bsz, c, rows_out, cols_out,
+        tokens.stride(0), tokens.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+    return out

@@ -193,10 +193,13 @@ class FusedBlocks(nn.Module):
         xr = x.reshape(m, c).to(torch.bfloat16)
         if (mp, cp) != (m, c):
             xr = F.pad(xr, (0, cp - c, 0, mp - m))
-        xr = xr.contiguous()
+        return self.run(xr.contiguous(), b, n)[:m, :c].reshape(b, n, c).to(x.dtype)
+
+    def run(self, xr: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
+        """All blocks on the padded residual stream [Mp, Cp] (bf16) of ``batch`` x ``tokens`` rows."""
         for blk in self.blocks:
-            xr = blk(xr, b, n)
-        return xr[:m, :c].reshape(b, n, c).to(x.dtype)
+            xr = blk(xr, batch, tokens)
+        return xr
 
     def gemms(self) -> dict[str, object]:
         out = {}
@@ -227,4 +230,60 @@ def fuse_vit_blocks(model: nn.Module, compressed: dict[str, nn.Module], device: 
             return "nvmath-python is not installed (pip install 'gpusq[gpu]')"
     fused = [FusedBlock(blk, compressed, f"blocks.{i}", device, backend) for i, blk in enumerate(blocks)]
     model.blocks = FusedBlocks(fused)
+    return None
+
+
+def why_not_fused_forward(model: nn.Module) -> str | None:
+    """``None`` if ``model`` is a timm ViT / DeiT whose whole forward can run on the padded token matrix
+    (class-token pooling, absolute position embeddings, no register tokens), else why not."""
+    name = type(model).__name__
+    if name not in ("VisionTransformer", "VisionTransformerDistilled"):
+        return f"{name} is not a timm VisionTransformer"
+    if not isinstance(getattr(model, "blocks", None), FusedBlocks):
+        return "its blocks are not fused"
+    checks = {
+        "class-token pooling": getattr(model, "global_pool", None) == "token"
+        and getattr(model, "attn_pool", None) is None,
+        "a class token": getattr(model, "cls_token", None) is not None,
+        "no register tokens": getattr(model, "reg_token", None) is None,
+        "position embeddings added after the class token": getattr(model, "pos_embed", None) is not None
+        and not getattr(model, "no_embed_class", True) and not getattr(model, "dynamic_img_size", True),
+        "no pre-norm / patch dropout": _is_identity(getattr(model, "norm_pre", None))
+        and _is_identity(getattr(model, "patch_drop", None)) and _is_identity(getattr(model, "pos_drop", None)),
+        "a LayerNorm before the head": isinstance(getattr(model, "norm", None), nn.LayerNorm),
+    }
+    missing = [k for k, ok in checks.items() if not ok]
+    return f"the model lacks {', '.join(missing)}" if missing else None
+
+
+def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """timm's ViT forward with the token concat, position add and row padding as one kernel, and the
+    final LayerNorm on the class (and distillation) tokens only: the head reads nothing else."""
+    from gpusq.deploy.kernels import assemble_tokens
+
+    t = self.patch_embed(x)
+    b, n_patch, c = t.shape
+    prefix, pos = self._gpusq_prefix, self._gpusq_pos
+    p = prefix.shape[0]
+    n = n_patch + p
+    xr = assemble_tokens(t.to(pos.dtype), prefix, pos, cs.round_up(b * n), cs.round_up(c))
+    xr = self.blocks.run(xr, b, n)
+    y = self.norm(xr[: b * n].view(b, n, xr.shape[1])[:, :p, :c].to(pos.dtype))
+    return self.forward_head(y)
+
+
+def fuse_vit_forward(model: nn.Module) -> str | None:
+    """Install ``_fused_forward`` on ``model`` (after its dtype is final); ``None`` or why not."""
+    import types
+
+    why = why_not_fused_forward(model)
+    if why is not None:
+        return why
+    prefix = [model.cls_token]
+    if getattr(model, "dist_token", None) is not None:
+        prefix.append(model.dist_token)
+    dt = model.pos_embed.dtype
+    model._gpusq_prefix = torch.cat([t.detach().reshape(1, -1) for t in prefix]).to(dt).contiguous()
+    model._gpusq_pos = model.pos_embed.detach()[0].contiguous()
+    model.forward = types.MethodType(_fused_forward, model)
     return None
