@@ -6,10 +6,16 @@ Variants (all with CUDA graphs, so launch overhead is out of every number):
 * ``tf32``       eager FP32 with TF32 matmuls/convs;
 * ``bf16``       eager BF16;
 * ``bf16-compile`` BF16 under ``torch.compile`` (default mode; same compile scope as gpusq);
-* ``fp8-dense``  FP8 E4M3 dense GEMMs (``torch._scaled_mm``, static per-tensor activation scales
-  from calibration, per-channel weight scales through its row-wise scaling, quantization fused
-  by ``torch.compile`` exactly as in the gpusq path): the strongest dense FP8 we can build;
+* ``fp8-dense``  FP8 E4M3 dense GEMMs, the strongest dense FP8 we can build: where gpusq's blocks
+  run fused (``gpusq.deploy.vit``, nvmath-python installed) the same fused blocks on cuBLASLt FP8
+  (bias, GELU + FP8 output, residual through C in its epilogue; per-tensor scales; tanh GELU, the
+  only one cuBLASLt has), else ``torch._scaled_mm`` with row-wise weight scales and quantization
+  fused by ``torch.compile`` as in gpusq's per-layer path; static activation scales from calibration;
 * ``gpusq``      the deployed compressed model (``gpusq.deploy``) for ``--recipe``.
+
+``--profile`` adds, per variant, the GPU kernel time by category at the largest batch and the number
+of kernel launches per forward and per transformer block at every batch (the batch-1 latency is
+mostly a kernel-count matter).
 
 Detection and segmentation models (``maskrcnn_swin_t``, ``upernet_swin_t``, ...; see
 ``gpusq.tasks.models``) are measured in two parts: ``NAME:backbone`` (the Swin backbone, where the
