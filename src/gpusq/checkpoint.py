@@ -79,9 +79,13 @@ def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_compressed(
-    model: nn.Module, out_dir: str | Path, recipe: Recipe, model_name: str | None, model_kwargs: dict
+    model: nn.Module, out_dir: str | Path, recipe: Recipe, model_name: str | None, model_kwargs: dict,
+    classes: list[str] | None = None,
 ) -> Path:
-    """Write ``model.safetensors``, ``model.yaml`` and ``recipe.yaml`` into ``out_dir`` atomically."""
+    """Write ``model.safetensors``, ``model.yaml`` and ``recipe.yaml`` into ``out_dir`` atomically.
+
+    ``classes``: the class names in label order, recorded in both (``read_compressed_dir`` returns
+    them as ``info["classes"]``, ``None`` when an output has none)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -92,9 +96,13 @@ def save_compressed(
         "model_kwargs": json.dumps(model_kwargs),
         "recipe": recipe.name,
     }
+    if classes is not None:
+        meta["classes"] = json.dumps(list(classes))
+    info = {"model": model_name, "model_kwargs": model_kwargs, "gpusq_format": FORMAT_VERSION}
+    if classes is not None:
+        info["classes"] = list(classes)
     atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata=meta))
-    atomic_write_text(out / "model.yaml", yaml.safe_dump({"model": model_name, "model_kwargs": model_kwargs,
-                                                            "gpusq_format": FORMAT_VERSION}))
+    atomic_write_text(out / "model.yaml", yaml.safe_dump(info))
     atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     return out
 
@@ -119,7 +127,8 @@ def read_compressed_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
     if not recipe_file.is_file():
         raise GpusqError(f"{f.parent} is not a complete gpusq output directory (no recipe.yaml)")
     recipe = load_recipe(str(recipe_file))
-    info = {"model": meta.get("model") or None, "model_kwargs": json.loads(meta.get("model_kwargs") or "{}")}
+    info = {"model": meta.get("model") or None, "model_kwargs": json.loads(meta.get("model_kwargs") or "{}"),
+            "classes": json.loads(meta["classes"]) if meta.get("classes") else None}
     return load_file(str(f)), info, recipe
 
 
