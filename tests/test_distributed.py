@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gpusq import distributed as D
+from gpusq.checkpoint import read_compressed_dir
 from gpusq.data import Batches, random_crop_flip
 from tests.helpers import make_colour_folder
 
@@ -78,7 +79,7 @@ def test_two_gloo_processes_match_one(folder, tmp_path):
         assert m2[k]["loss"] == pytest.approx(m1[k]["loss"], rel=1e-3, abs=1e-3), k
     from safetensors.torch import load_file
 
-    w1, w2 = (load_file(str(tmp_path / f"c{n}" / "model.safetensors")) for n in (1, 2))
+    w1, w2 = (read_compressed_dir(tmp_path / f"c{n}")[0] for n in (1, 2))
     assert w1.keys() == w2.keys()
     for k in w1:
         if k.endswith("weight_mask"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from gpusq.checkpoint import read_compressed_dir
 from gpusq.cli import main
 from gpusq.data import Batches, build_dataset, mnist5k_split
 from gpusq.errors import GpusqError
@@ -132,9 +133,8 @@ def test_compress_end_to_end_outputs_and_eval(teacher_dir, tmp_path, capsys):
         assert k in rep["stats"], k
     assert sum(rep["layer_weights"].values()) == pytest.approx(len(rep["layer_weights"]))
     # the saved tensors: 2:4 zeros explicit, values on the INT8 grid, scales separate
-    from safetensors.torch import load_file
 
-    st = load_file(str(out / "model.safetensors"))
+    st = read_compressed_dir(out)[0]  # effective weights, masks, scales
     w, s = st["blocks.0.mlp.fc1.weight"], st["blocks.0.mlp.fc1.weight_scale"]
     codes = w / s[:, None]
     assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= 127.001

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from safetensors.torch import load_file
 
+from gpusq.checkpoint import read_compressed_dir
 from gpusq.cli import main
 from gpusq.sparsity import is_2to4
 from gpusq.tasks.mnist_canvas import build_mnist_canvas
@@ -45,7 +45,7 @@ def test_train_compress_eval(data, tmp_path, capsys):
     for stage in ("stage1_losses", "stage2_losses"):  # feature KD and RoI class-logit KD both ran
         assert full[stage]["feat"] > 0 and full[stage]["soft"] > 0, full[stage]
     assert "RoI" in full["distill"]["logit"]
-    state = load_file(str(c / "model.safetensors"))
+    state = read_compressed_dir(c)[0]  # effective weights, masks, scales
     for n in layers:
         assert is_2to4(state[f"{n}.weight"]) and f"{n}.weight_scale" in state and f"{n}.input_scale" in state
     assert not any(k.startswith(("backbone.fpn.", "roi_heads.", "rpn.")) and k.endswith("_scale") for k in state)
@@ -125,7 +125,7 @@ def test_segmentation_train_compress_eval(data, tmp_path, capsys):
     rep = _json_out(capsys)
     assert len(rep["compressed_layers"]) >= 16
     assert all(n.startswith("backbone.") and ".blocks." in n for n in rep["compressed_layers"])
-    state = load_file(str(c / "model.safetensors"))
+    state = read_compressed_dir(c)[0]  # effective weights, masks, scales
     assert all(is_2to4(state[f"{n}.weight"]) for n in rep["compressed_layers"])
     full = json.loads((c / "report.json").read_text())
     for stage in ("stage1_losses", "stage2_losses"):  # feature KD and per-pixel logit KD both ran

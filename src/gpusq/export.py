@@ -129,43 +129,29 @@ def _fmt(spec) -> str:
 
 
 def _weight_codes(layer: CompressedLayer) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-    """(codes or float weight, per-channel scale or None, format) exactly as the layer multiplies."""
-    from gpusq.quant import FP8_MAX, quantize_to_int
+    """(codes or float weight, per-channel scale or None, format) exactly as the layer multiplies,
+    in the weight's own shape; the stored codes of a loaded model (``gpusq.codes.layer_codes``)."""
+    from gpusq.codes import layer_codes
 
-    with torch.no_grad():
-        w = layer.masked_weight().detach().float().cpu()
-        if layer.weight_quant is None:
-            return w, None, "float"
-        dtype = layer.weight_quant.spec.dtype
-        scale = layer.weight_scale().detach().float().cpu()
-        s = scale.reshape(-1, *([1] * (w.dim() - 1)))
-        if dtype == "fp8_e4m3":
-            codes = torch.clamp(w / s, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-            deq = codes.float() * s
-        else:
-            codes = quantize_to_int(w, s, dtype, weight=True)
-            deq = codes.float() * s
-        # The codes must reproduce the layer's own effective weight bit for bit.
-        eff = layer.effective_weight().detach().float().cpu()
-        if not torch.equal(deq, eff):
-            diff = (deq - eff).abs().max().item()
-            raise GpusqError(f"internal: codes of {dtype} weights do not reproduce the layer "
-                             f"(max diff {diff:g})")
-        return codes, scale, dtype
+    c = layer_codes(layer)
+    shape = tuple(layer.weight.shape)
+    if c.w_fmt == "none":
+        return c.codes.reshape(shape), None, "float"
+    return c.codes.reshape(shape), c.weight_scale, c.w_fmt
 
 
 def _pack_int4(codes: np.ndarray) -> bytes:
-    """ONNX INT4 layout: two's-complement nibbles, element 2i in the low nibble of byte i."""
-    flat = (codes.astype(np.int8).reshape(-1) & 0x0F).astype(np.uint8)
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
-    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+    """ONNX INT4 raw data: the flattened codes packed two per byte (``gpusq.codes.pack_int4``'s layout)."""
+    from gpusq.codes import pack_int4
+
+    flat = torch.from_numpy(codes.astype(np.int8).reshape(-1))
+    return pack_int4(torch.nn.functional.pad(flat, (0, flat.numel() % 2))).numpy().tobytes()
 
 
 def _unpack_int4(raw: bytes, n: int) -> np.ndarray:
-    b = np.frombuffer(raw, dtype=np.uint8)
-    nib = np.stack([b & 0x0F, b >> 4], axis=1).reshape(-1)[:n].astype(np.int8)
-    return np.where(nib >= 8, nib - 16, nib).astype(np.int8)
+    from gpusq.codes import unpack_int4
+
+    return unpack_int4(torch.frombuffer(bytearray(raw), dtype=torch.uint8)).numpy()[:n]
 
 
 def _weight_tensor(name: str, codes: torch.Tensor, fmt: str, int4_native: bool):

@@ -27,6 +27,8 @@ from gpusq.checkpoint import (
     build_compressed,
     read_compressed_dir,
     save_compressed,
+    stored_model,
+    write_compressed,
 )
 from gpusq.data import Batches, DataInfo, build_dataset, cache_in_memory, prepare_batch
 from gpusq.distill import DistillationLoss, feature_layers, layer_weights_from_distortion, measure_distortion
@@ -260,7 +262,7 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
         names = feature_layers(teacher, recipe.distill.features)
         distortion = D.mean_dict(measure_distortion(student, teacher, imp, names)) if names else {}
         if main:
-            save_compressed(student, stage1_dir, recipe, model_name, model_kwargs)
+            save_compressed(student, stage1_dir, recipe, model_name, model_kwargs, dense_dtype="fp32")  # lossless
             _write_json(stage1_dir / "stage1.json", {"history": hist1, "distortion": distortion})
         D.barrier()
     report["stage1_metrics"] = ev(student)
@@ -290,7 +292,10 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
                          ckpt_path=ck / "stage2.safetensors", ckpt_every=ckpt_every, resume=resume,
                          seed=data.seed + 1, eval_fn=ev, progress=progress, compile=compile)
         hist2 = r2.history
-    report["metrics"] = ev(student)
+    # the final metrics are the stored model's (codes + bf16 dense tensors): what `gpusq eval` of the
+    # output reproduces exactly
+    stored, stored_state, stored_meta = stored_model(student, recipe, model_name, model_kwargs)
+    report["metrics"] = ev(stored)
     report["history"] = {"stage1": hist1, "stage2": hist2}
     bad = [n for n, ok in check_2to4(student).items() if not ok]
     if recipe.sparse and bad:
@@ -300,8 +305,9 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
         from gpusq.report import write_report_md
         from gpusq.stats import model_stats
 
-        report["stats"] = model_stats(copy.deepcopy(student).cpu(), recipe, input_size=size)
-        save_compressed(student, out, recipe, model_name, model_kwargs)
+        report["stats"] = model_stats(copy.deepcopy(stored).cpu(), recipe, input_size=size)
+        write_compressed(stored_state, stored_meta, out, recipe)
+        report["stats"]["file_bytes"] = (out / "model.safetensors").stat().st_size
         _write_json(out / "report.json", report)
         write_report_md(out, report)
         shutil.rmtree(ck, ignore_errors=True)
@@ -329,9 +335,11 @@ def load_any(checkpoint: str, model: str | None = None, model_kwargs: dict | Non
     if f.suffix == ".safetensors" and f.is_file():
         from safetensors import safe_open
 
+        from gpusq.checkpoint import file_metadata
+
         try:
             with safe_open(str(f), "pt") as sf:
-                fmt = (sf.metadata() or {}).get("gpusq_format")
+                fmt = file_metadata(sf.metadata()).get("gpusq_format")
         except Exception:  # noqa: BLE001
             raise GpusqError(f"{f} is not a readable safetensors file") from None
         if fmt and fmt != DENSE_FORMAT:

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gpusq.codes import pack_int4, unpack_int4
 from gpusq.deploy.cusparselt import check_gpu, searched_algs
-from gpusq.deploy.packing import pack_int4, unpack_int4
 from gpusq.errors import GpusqError
 
 __all__ = ["deploy", "DeployedModel", "enable_fused_attention", "check_gpu", "pack_int4", "unpack_int4",
@@ -46,34 +46,23 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def layer_codes(layer: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(kind, weight codes [N, K] as float, weight scale [N], input scale) of a compressed layer.
+    """(kernel kind, weight codes [N, K] as float, weight scale [N], input scale) of a compressed layer.
 
-    The codes are exactly the integers (or E4M3 values) that the fake-quant layer multiplies:
-    ``effective_weight = codes * weight_scale``. INT4 codes go through ``pack_int4`` /
-    ``unpack_int4`` (the storage format) on the way.
+    The codes come from ``gpusq.codes.layer_codes``: the ones a loaded model was stored with (or,
+    for a model in memory, computed once), exactly the integers / E4M3 values the fake-quant layer
+    multiplies (``effective_weight = codes * weight_scale``). INT4 codes run on the INT8 kernel.
     """
-    from gpusq.quant import FP8_MAX, quantize_to_int
+    from gpusq.codes import layer_codes as stored_codes
 
-    wq = layer.weight_quant.spec.dtype if layer.weight_quant is not None else "none"
-    aq = layer.input_quant.spec.dtype if layer.input_quant is not None else "none"
-    sparse = layer.weight_mask is not None
-    with torch.no_grad():
-        w = layer.effective_weight().detach().float()
-        w = w.reshape(w.shape[0], -1)
-        s_in = layer.input_quant.scale.detach().abs().float().reshape(()) if aq != "none" else None
-        if wq in ("int8", "int4") and aq == "int8" and sparse:
-            ws = layer.weight_scale().detach().float().reshape(-1)
-            codes = quantize_to_int(w, ws[:, None], wq, weight=True)
-            if wq == "int4":
-                codes = unpack_int4(pack_int4(codes))
-            return "int8", codes.float(), ws, s_in
-        if wq == "fp8_e4m3" and aq == "fp8_e4m3":
-            ws = layer.weight_scale().detach().float().reshape(-1)
-            codes = torch.clamp(w / ws[:, None], -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
-            return "fp8", codes, ws, s_in
-        if wq == "none" and aq == "none" and sparse:
-            return "bf16", w, None, None
-    what = f"{wq} weights, {aq} activations, {'2:4' if sparse else 'dense'}"
+    c = stored_codes(layer)
+    sparse = c.mask is not None
+    if c.w_fmt in ("int8", "int4") and c.a_fmt == "int8" and sparse:
+        return "int8", c.codes.float(), c.weight_scale, c.input_scale
+    if c.w_fmt == "fp8_e4m3" and c.a_fmt == "fp8_e4m3":
+        return "fp8", c.codes.float(), c.weight_scale, c.input_scale
+    if c.w_fmt == "none" and c.a_fmt == "none" and sparse:
+        return "bf16", c.codes.float(), None, None
+    what = f"{c.w_fmt} weights, {c.a_fmt} activations, {'2:4' if sparse else 'dense'}"
     raise GpusqError(
         f"no deployment kernel for a layer with {what} (supported: int8/int4 weights + int8 activations "
         "with 2:4; fp8 weights + fp8 activations; 2:4 without quantization)")

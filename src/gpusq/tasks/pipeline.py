@@ -32,7 +32,7 @@ import torch
 import yaml
 from torch import nn
 
-from gpusq.checkpoint import atomic_write, atomic_write_text, load_compressed, save_compressed
+from gpusq.checkpoint import atomic_write, atomic_write_text, load_compressed, stored_model, write_compressed
 from gpusq.distill import FeatureHooks, feature_layers, feature_loss, layer_weights_from_distortion, soft_loss
 from gpusq.errors import GpusqError, close_matches
 from gpusq.models import parse_model_kwargs
@@ -587,11 +587,13 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
         stage2 = train_task(t, student, ds, s2, seed=seed + 1, teacher=sparse_teacher, feature_names=names,
                             layer_weights=weights, desc="stage 2", ckpt=ckdir / "stage2.safetensors", **kd)
     student.eval()
-    metrics = evaluate_task(t, student, val, s1.batch_size, device)
     ok = check_2to4(student)
     if recipe.sparse and not all(ok.values()):
         raise RuntimeError(f"2:4 pattern lost in {[n for n, v in ok.items() if not v]}")  # a bug, not user input
-    save_compressed(student, out, recipe, info["model"], info["model_kwargs"])
+    # metrics of the model as stored (codes + bf16 dense tensors): `gpusq eval` of the output reproduces them
+    stored, stored_state, stored_meta = stored_model(student, recipe, info["model"], info["model_kwargs"])
+    metrics = evaluate_task(t, stored, val, s1.batch_size, device)
+    write_compressed(stored_state, stored_meta, out, recipe)
     _write_task_info(out, {**info, "compressed": True, "recipe": recipe.name})
     report = {
         "task": task, "model": info["model"], "family": t.family, "recipe": recipe.name,
