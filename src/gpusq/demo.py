@@ -47,7 +47,11 @@ def run_demo(out: str | Path = "gpusq-demo", teacher_epochs: float = 40, stage1_
         reports[name] = compress(teacher, recipe, data, out / name, model_name=DEMO_MODEL,
                                  model_kwargs=dict(DEMO_KWARGS), device=device, progress=progress,
                                  stage1_from=None if name == "sparse" else out / "sparse" / "stage1")
-        summary[name] = {**reports[name]["metrics"], "size_ratio": reports[name]["stats"]["size_ratio"],
+        # size: the files on disk (teacher FP32 vs the compressed output's codes), as a user sees them
+        size_ratio = ((out / "teacher" / "model.safetensors").stat().st_size
+                      / (out / name / "model.safetensors").stat().st_size)
+        summary[name] = {**reports[name]["metrics"], "size_ratio": size_ratio,
+                         "size_ratio_accounting": reports[name]["stats"]["size_ratio"],
                          "bitops_ratio": reports[name]["stats"]["bitops_ratio"],
                          "bitops_ratio_linear": reports[name]["stats"]["bitops_ratio_linear"]}
     summary["seconds"] = time.time() - t0

@@ -310,7 +310,10 @@ def load_model(model_or_dir: nn.Module | str | Path) -> nn.Module:
         raise GpusqError(f"checkpoint not found: {p}")
     if p.is_dir() and (p / "model.safetensors").is_file() and not (p / "recipe.yaml").is_file():
         raise GpusqError(f"{p} holds a dense model (no recipe.yaml); export needs a `gpusq compress` output")
-    model, _, _ = load_compressed(p)
+    model, _, info = load_compressed(p)
+    if info.get("task") not in (None, "classification"):
+        raise GpusqError(f"gpusq export writes ONNX for classification models; {p} is a {info['task']} output "
+                         f"({info['model']}), not supported (evaluate it with `gpusq eval --checkpoint {p}`)")
     return model
 
 

@@ -388,7 +388,21 @@ def _device(a) -> torch.device | None:
     return dev or (torch.device(a.device) if a.device else None)
 
 
+def _task_of_checkpoint(argv: list[str]) -> str | None:
+    """The task recorded in ``--checkpoint DIR``'s task.yaml (detection / segmentation outputs), if any."""
+    for i, a in enumerate(argv):
+        path = argv[i + 1] if a == "--checkpoint" and i + 1 < len(argv) else (
+            a.split("=", 1)[1] if a.startswith("--checkpoint=") else None)
+        if path and (Path(path) / "task.yaml").is_file():
+            return (yaml.safe_load((Path(path) / "task.yaml").read_text()) or {}).get("task")
+    return None
+
+
 def cli_main(argv: list[str], prog: str, command: str) -> int:
+    if command == "eval" and not any(a == "--task" or a.startswith("--task=") for a in argv):
+        task = _task_of_checkpoint(argv)  # a detection / segmentation output evaluates as its task
+        if task and task != "classification":
+            argv = ["--task", task, *argv]
     if any(a == "--task" or a.startswith("--task=") for a in argv):  # dense-prediction tasks (issue 6)
         from gpusq.tasks.pipeline import cli_main as task_cli_main
         from gpusq.tasks.pipeline import split_task_arg

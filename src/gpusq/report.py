@@ -36,6 +36,17 @@ def plot_history(report: dict[str, Any], path: Path) -> bool:
     return drew
 
 
+def _size_line(s: dict[str, Any]) -> str:
+    """Size as stored on disk (model.safetensors) next to the accounting (``gpusq stats``)."""
+    fp32 = s["size_bytes_fp32"]
+    if s.get("file_bytes"):
+        return (f"Size: {fp32 / 1e6:.2f} MB (FP32 parameters) → model.safetensors {s['file_bytes'] / 1e6:.2f} MB on "
+                f"disk (**{fp32 / s['file_bytes']:.2f}×** smaller; accounting: {s['size_bytes_compressed'] / 1e6:.2f} "
+                f"MB, {s['size_ratio']:.2f}×).")
+    return (f"Size: {fp32 / 1e6:.2f} MB (FP32) → {s['size_bytes_compressed'] / 1e6:.2f} MB "
+            f"(**{s['size_ratio']:.2f}×** smaller).")
+
+
 def write_report_md(out: Path, report: dict[str, Any]) -> None:
     plot_history(report, out / "training.png")
     t, s = report["teacher_metrics"], report["stats"]
@@ -53,8 +64,7 @@ def write_report_md(out: Path, report: dict[str, Any]) -> None:
         "|---|---|---|",
         *[f"| {label} | {r['top1']:.2f} | {r['top5']:.2f} |" for label, r in rows],
         "",
-        f"Size: {s['size_bytes_fp32'] / 1e6:.2f} MB (FP32) → {s['size_bytes_compressed'] / 1e6:.2f} MB "
-        f"(**{s['size_ratio']:.2f}×** smaller). Bit-ops: **{s['bitops_ratio']:.1f}×** fewer over all matrix "
+        _size_line(s) + f" Bit-ops: **{s['bitops_ratio']:.1f}×** fewer over all matrix "
         f"products, {s['bitops_ratio_linear'] or 0:.1f}× over the compressed layers "
         f"({s['layers_compressed']} layers).",
         "",

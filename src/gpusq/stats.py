@@ -128,7 +128,7 @@ def _skip_reasons(model: nn.Module, recipe: Recipe, compressed: set[str]) -> dic
 
 
 def model_stats(model: nn.Module, recipe: Recipe | str, input_size: tuple[int, ...] | None = None,
-                model_name: str | None = None) -> dict[str, Any]:
+                model_name: str | None = None, flops: bool = True) -> dict[str, Any]:
     """Parameters, deployed size and bit-op ratios of ``model`` deployed with ``recipe``.
 
     A model without compressed layers is compressed (a copy) the way ``recipe`` would; an already
@@ -143,7 +143,8 @@ def model_stats(model: nn.Module, recipe: Recipe | str, input_size: tuple[int, .
     if not compressed_layers(model):
         model = compress_for_accounting_(copy.deepcopy(model), recipe)
     layers = compressed_layers(model)
-    input_size = tuple(input_size) if input_size is not None else tuple(model_input_size(model))
+    if flops:
+        input_size = tuple(input_size) if input_size is not None else tuple(model_input_size(model))
 
     # Parameters: a compressed layer's own weight and bias; quantizer internals (e.g. a learnable
     # activation scale) are counted as scales below, not as model parameters.
@@ -172,6 +173,9 @@ def model_stats(model: nn.Module, recipe: Recipe | str, input_size: tuple[int, .
         if layer.input_quant is not None:
             size_bits += SCALE_BYTES * 8
 
+    if not flops:  # sizes only (``flops=False``: models whose forward is not one image tensor)
+        return _size_only(model, recipe, model_name, params_dense, params_masked, params_compressed, size_bits,
+                          layers)
     flops_dense, per_layer = count_flops(model, input_size, list(layers))
     flops_compressed = sum(per_layer.values())
     flops_other = flops_dense - flops_compressed
@@ -205,6 +209,17 @@ def model_stats(model: nn.Module, recipe: Recipe | str, input_size: tuple[int, .
         "layers_compressed": len(layers),
         "layers_skipped": _skip_reasons(model, recipe, set(layers)),
     }
+
+
+def _size_only(model, recipe: Recipe, model_name, params_dense, params_masked, params_compressed, size_bits,
+               layers) -> dict[str, Any]:
+    size = size_bits / 8
+    return {"model": model_name or type(model).__name__, "recipe": recipe.name, "input_size": None,
+            "dense_bits": recipe.deploy.dense_bits, "params_dense": params_dense,
+            "params_nonzero": params_dense - params_masked, "params_compressed": params_compressed,
+            "size_bytes_fp32": 4 * params_dense, "size_bytes_compressed": size, "size_ratio": 4 * params_dense / size,
+            "flops_dense": None, "flops_compressed": None, "flops_other": None, "bitops_ratio_linear": None,
+            "bitops_ratio": None, "layers_compressed": len(layers), "layers_skipped": {}}
 
 
 def stats(model_name: str, recipe: Recipe | str, **model_kwargs: Any) -> dict[str, Any]:
@@ -248,23 +263,54 @@ COLUMNS = [
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Plain-text table; params in millions, sizes in MB (10⁶ bytes), FLOPs per image."""
     scale = {"params_dense": 1e-6, "params_nonzero": 1e-6, "size_bytes_fp32": 1e-6,
-             "size_bytes_compressed": 1e-6, "flops_dense": 1e-9}
+             "size_bytes_compressed": 1e-6, "flops_dense": 1e-9, "file_bytes": 1e-6}
+    cols = COLUMNS + ([("file MB", "file_bytes", "{:.2f}")] if any("file_bytes" in r for r in rows) else [])
     cells = []
     for r in rows:
         line = []
-        for _, key, fmt in COLUMNS:
-            v = r[key]
-            if key == "flops_other":
+        for _, key, fmt in cols:
+            v = r.get(key)
+            if v is None:
+                pass
+            elif key == "flops_other":
                 v = 100.0 * v / r["flops_dense"] if r["flops_dense"] else 0.0
             elif key in scale:
                 v = v * scale[key]
             line.append("-" if v is None else fmt.format(v))
         cells.append(line)
-    heads = [h for h, _, _ in COLUMNS]
+    heads = [h for h, _, _ in cols]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
     fmt_row = lambda cs: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cs, widths)))
     return "\n".join([fmt_row(heads), "  ".join("-" * w for w in widths), *map(fmt_row, cells)])
+
+
+def checkpoint_stats(path: str) -> dict[str, Any]:
+    """``model_stats`` of a ``gpusq compress`` output as stored, plus ``file_bytes`` (its
+    model.safetensors). Detection / segmentation models: FLOPs at their default input size where a
+    forward on one image works, else the FLOP fields are None and ``flops_note`` says why."""
+    from pathlib import Path
+
+    from gpusq.checkpoint import load_compressed
+
+    model, recipe, info = load_compressed(path)
+    f = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
+    size = None
+    task = info.get("task")
+    if task is not None:
+        size = (3, 224, 224) if task == "classification" else (3, 256, 256)
+    try:
+        row = model_stats(model, recipe, input_size=size, model_name=info["model"])
+    except GpusqError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a task model whose forward takes other inputs
+        row = model_stats(model, recipe, model_name=info["model"], flops=False)
+        row["flops_note"] = f"FLOPs not counted: one forward of a {size} image failed ({type(e).__name__})"
+    row["file_bytes"] = f.stat().st_size
+    row["file_ratio_vs_fp32"] = row["size_bytes_fp32"] / row["file_bytes"]
+    if task is not None:
+        row["task"] = task
+    return row
 
 
 def cli_main(argv: list[str], prog: str = "gpusq stats", command: str = "stats") -> int:
@@ -274,8 +320,12 @@ def cli_main(argv: list[str], prog: str = "gpusq stats", command: str = "stats")
         prog=prog,
         description="Parameters, deployed size and bit-op ratios of a timm model under a recipe "
                     "(random weights, no training, CPU is fine).")
-    ap.add_argument("--model", required=True,
-                    help="timm model name, or several separated by commas (e.g. deit_base_patch16_224)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model",
+                     help="timm model name, or several separated by commas (e.g. deit_base_patch16_224)")
+    src.add_argument("--checkpoint", metavar="DIR",
+                     help="a gpusq compress output (classification, detection or segmentation): counts the "
+                          "model as stored and reports its model.safetensors size beside the accounting")
     ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VAL",
                     help="timm create_model keyword (repeatable), e.g. img_size=32")
     ap.add_argument("--recipe", default="int8",
@@ -283,6 +333,10 @@ def cli_main(argv: list[str], prog: str = "gpusq stats", command: str = "stats")
     ap.add_argument("--json", action="store_true",
                     help="print JSON: one object, or a list when several models/recipes are given")
     args = ap.parse_args(argv)
+    if args.checkpoint:
+        row = checkpoint_stats(args.checkpoint)
+        print(json.dumps(row, indent=2) if args.json else format_table([row]))
+        return 0
     kwargs = parse_model_kwargs(args.model_arg)
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     recipe_names = [r.strip() for r in args.recipe.split(",") if r.strip()]

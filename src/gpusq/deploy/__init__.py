@@ -167,7 +167,11 @@ def _as_model(model_or_dir, recipe):
     if isinstance(model_or_dir, (str, Path)):
         from gpusq.checkpoint import load_compressed
 
-        model, rec, _ = load_compressed(model_or_dir)
+        model, rec, info = load_compressed(model_or_dir)
+        if info.get("task") not in (None, "classification"):
+            raise GpusqError(f"deploy() builds classification models; {model_or_dir} is a {info['task']} output "
+                             f"({info['model']}): `gpusq bench --model {info['model']}` measures its Swin backbone and "
+                             "the whole model on the GPU kernels")
         if recipe is None:
             recipe = rec
     elif isinstance(model_or_dir, nn.Module):
