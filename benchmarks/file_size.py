@@ -42,7 +42,7 @@ def measure(model_name: str, recipe_name: str) -> dict:
             calibrate(model, lambda m: m(x))
         save_compressed(model, Path(d) / "out", recipe, model_name, {})
         file_bytes = (Path(d) / "out" / "model.safetensors").stat().st_size
-    st = model_stats(model, recipe)
+    st = model_stats(model, recipe, flops=False)
     return {"model": model_name, "recipe": recipe_name, "fp32_file_bytes": dense_bytes,
             "fp32_param_bytes": st["size_bytes_fp32"], "file_bytes": file_bytes,
             "stats_bytes": st["size_bytes_compressed"], "file_vs_stats": file_bytes / st["size_bytes_compressed"],
@@ -55,13 +55,16 @@ def main() -> None:
     ap.add_argument("--recipe", default="int8,int4,fp8")
     ap.add_argument("--json")
     a = ap.parse_args()
-    rows = [measure(m, r) for m in a.model.split(",") for r in a.recipe.split(",")]
     print(f"{'model':<30} {'recipe':<6} {'FP32 file MB':>12} {'file MB':>9} {'stats MB':>9} {'file/stats':>10} "
-          f"{'x FP32 file':>11} {'x stats':>8}")
-    for r in rows:
-        print(f"{r['model']:<30} {r['recipe']:<6} {r['fp32_file_bytes'] / 1e6:>12.2f} {r['file_bytes'] / 1e6:>9.2f} "
-              f"{r['stats_bytes'] / 1e6:>9.2f} {r['file_vs_stats']:>10.3f} {r['x_vs_fp32_file']:>11.2f} "
-              f"{r['x_stats']:>8.2f}")
+          f"{'x FP32 file':>11} {'x stats':>8}", flush=True)
+    rows = []
+    for m in a.model.split(","):
+        for rn in a.recipe.split(","):
+            r = measure(m, rn)
+            rows.append(r)
+            print(f"{r['model']:<30} {r['recipe']:<6} {r['fp32_file_bytes'] / 1e6:>12.2f} "
+                  f"{r['file_bytes'] / 1e6:>9.2f} {r['stats_bytes'] / 1e6:>9.2f} {r['file_vs_stats']:>10.3f} "
+                  f"{r['x_vs_fp32_file']:>11.2f} {r['x_stats']:>8.2f}", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 
