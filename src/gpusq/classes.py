@@ -11,6 +11,7 @@ number of classes is checked, against the model's head, and a note says so.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,7 +109,7 @@ def check_classes(model_classes: Sequence[str] | None, head: int | None, data_cl
             why = f" ({who} records no class names, so only their number is checked)"
         raise GpusqError(f"{who} has a {head}-class head; the data ({data}) has {nd} classes "
                          f"{show(data_classes)}{why}{hint}")
-    if model_classes is None and note:
+    if model_classes is None and note and int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
         counted = f"their number ({nd}) matches its head" if head is not None else "they could not be checked"
         print(f"note: {who} records no class names; {counted}", file=sys.stderr, flush=True)
 
