@@ -50,3 +50,41 @@ def test_unknown_recipe_lists_recipes(capsys):
 def test_unknown_command(capsys):
     assert main(["stat"]) == 2
     assert "did you mean: stats" in capsys.readouterr().err
+
+
+def test_shipped_names_are_not_shadowed_by_the_working_directory(tmp_path, monkeypatch, capsys):
+    """Issue 17.6: after ``gpusq compress ... --out int8`` (the README's example), ``--recipe int8``,
+    ``--recipe int4`` (``base: int8``) and user files that ``base: int8`` still mean the shipped recipes."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "int8"  # what `--out int8` leaves behind
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"x")
+    (out / "recipe.yaml").write_text("name: int8\n")
+    for name, wdtype in (("int8", "int8"), ("int4", "int4")):
+        r = load_recipe(name)
+        assert (r.name, r.quant.weight.dtype, r.quant.act.dtype) == (name, wdtype, "int8")
+    (tmp_path / "mine.yaml").write_text("base: int8\nname: mine\ntrain: {stage1: {epochs: 2}}\n")
+    r = load_recipe("mine.yaml")
+    assert r.name == "mine" and r.quant.weight.dtype == "int8" and r.train.stage1.epochs == 2.0
+    capsys.readouterr()
+    assert main(["recipes", "int4"]) == 0
+    assert "dtype: int4" in capsys.readouterr().out
+    # the directory named as a path is an error that says how to get the shipped recipe
+    with pytest.raises(GpusqError, match=r"^recipe \./int8 is a directory, not a YAML file; "
+                                         r"for the shipped recipe write int8$"):
+        load_recipe("./int8")
+    # a YAML file called like a shipped recipe, without suffix: the bare name stays the shipped one,
+    # the file is reached by its path
+    (tmp_path / "sparse").write_text("base: int8\nname: local\n")
+    assert load_recipe("sparse").name == "sparse" and not load_recipe("sparse").quantized
+    assert load_recipe("./sparse").name == "local" and load_recipe("./sparse").quantized
+    # a file without suffix that is not a shipped name is read as YAML, as before
+    (tmp_path / "myrecipe").write_text("base: int4\nname: myrecipe\n")
+    assert load_recipe("myrecipe").quant.weight.dtype == "int4"
+    with pytest.raises(GpusqError, match="recipe file not found: nothere.yaml"):
+        load_recipe("nothere.yaml")
+    with pytest.raises(GpusqError, match="recipe file not found: sub/int8"):
+        load_recipe("sub/int8")
+    (tmp_path / "somedir").mkdir()
+    with pytest.raises(GpusqError, match=r"^recipe somedir is a directory, not a YAML file$"):
+        load_recipe("somedir")

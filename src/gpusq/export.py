@@ -568,6 +568,14 @@ def cli_main(argv: list[str], prog: str = "gpusq export", command: str = "export
     if args.verify_samples <= 0 or args.batch_size <= 0:
         raise GpusqError("--verify-samples and --batch-size must be > 0")
     model = load_model(args.checkpoint)
+    if args.verify and args.verify != "random":  # the checkpoint's classes must be the data's (gpusq.classes)
+        from gpusq.classes import check_classes, head_size, recorded_classes
+        from gpusq.data import build_dataset
+        from gpusq.models import model_input_size
+
+        _, info = build_dataset(args.verify, "val", model_input_size(model))
+        check_classes(recorded_classes(args.checkpoint), head_size(model), info.classes,
+                      who=f"checkpoint {args.checkpoint}", data=args.verify)
     res = export_onnx(model, args.out, opset=args.opset)
     print(f"wrote {res.path}  opset {res.opset}  {res.layers} compressed layers  "
           f"weights {res.weight_formats}  inputs {res.act_formats}")

@@ -30,10 +30,12 @@ from gpusq.checkpoint import (
     stored_model,
     write_compressed,
 )
+from gpusq.classes import check_classes, check_same_split_classes, head_size, recorded_classes
 from gpusq.data import Batches, DataInfo, build_dataset, cache_in_memory, prepare_batch
 from gpusq.distill import DistillationLoss, feature_layers, layer_weights_from_distortion, measure_distortion
 from gpusq.errors import GpusqError
 from gpusq.models import create_model, load_state_file, load_weights_, model_input_size, parse_model_kwargs
+from gpusq.outdir import check_out_dir
 from gpusq.quant import calibrate, quantize_
 from gpusq.recipes import Recipe, StageConfig, load_recipe, parse_override
 from gpusq.sparsity import check_2to4, sparsify_
@@ -77,7 +79,8 @@ def build_loaders(opts: DataOptions, size: tuple[int, int, int], batch_size: int
         train_ds, val_ds, info = _DECODED[key]
     else:
         train_ds, info = build_dataset(opts.data, "train", size, opts.skip_bad_images)
-        val_ds, _ = build_dataset(opts.data, "val", size, opts.skip_bad_images)
+        val_ds, val_info = build_dataset(opts.data, "val", size, opts.skip_bad_images)
+        check_same_split_classes(info.classes, val_info.classes, opts.data)
         cache = opts.cache
         if cache is None:  # small sets (< ~200 MB decoded) are decoded once per process
             cache = len(train_ds) * size[0] * size[1] * size[2] < 200e6
@@ -114,9 +117,13 @@ def sample_batches(batches: Batches, n: int, device: torch.device) -> list[torch
 def resolve_model(model: str | None, model_kwargs: dict, checkpoint: str | None) -> tuple[nn.Module, str | None, dict]:
     """Build the dense model (timm name + kwargs) and load ``checkpoint`` if given.
 
-    A ``gpusq train`` output directory supplies its own model name and kwargs.
+    A ``gpusq train`` output directory supplies its own model name and kwargs. The class names
+    recorded with ``checkpoint`` (``gpusq.classes.recorded_classes``; None when it has none) are
+    attached to the model as ``net.gpusq_classes``, which ``compress`` and ``train_dense`` check
+    against the data's.
     """
     state = None
+    classes = None
     if checkpoint:
         p = Path(checkpoint)
         if p.is_dir():
@@ -129,6 +136,7 @@ def resolve_model(model: str | None, model_kwargs: dict, checkpoint: str | None)
                 model_kwargs = {**(info.get("model_kwargs") or {}), **model_kwargs}
             p = p / "model.safetensors"
         state = load_state_file(p)
+        classes = recorded_classes(p)
     if not model:
         raise GpusqError("no model given: pass --model NAME (a timm model name)")
     net = create_model(model, **model_kwargs)
@@ -136,21 +144,37 @@ def resolve_model(model: str | None, model_kwargs: dict, checkpoint: str | None)
         if any(k.endswith(".weight_mask") for k in state):
             raise GpusqError(f"{checkpoint} is a compressed model, not a dense one")
         load_weights_(net, state, source=f"checkpoint {checkpoint}")
+    net.gpusq_classes = classes
     return net, model, model_kwargs
 
 
-def _write_dense(net: nn.Module, out: Path, model: str | None, kwargs: dict) -> None:
+def _write_dense(net: nn.Module, out: Path, model: str | None, kwargs: dict,
+                 classes: list[str] | None = None) -> None:
+    """``out/model.safetensors`` + ``out/model.yaml``; ``classes``: the class names in label order,
+    recorded in both (safetensors metadata ``classes`` as JSON, ``classes:`` in model.yaml)."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     meta = {"gpusq_format": DENSE_FORMAT, "model": model or "", "model_kwargs": json.dumps(kwargs)}
+    info = {"model": model, "model_kwargs": kwargs, "gpusq_format": DENSE_FORMAT}
+    if classes is not None:
+        meta["classes"] = json.dumps(list(classes))
+        info["classes"] = list(classes)
     atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata=meta))
-    atomic_write_text(out / "model.yaml", yaml.safe_dump({"model": model, "model_kwargs": kwargs,
-                                                          "gpusq_format": DENSE_FORMAT}))
+    atomic_write_text(out / "model.yaml", yaml.safe_dump(info))
 
 
 def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def _run_classes(ck: Path, classes: list[str], resume: bool, data: str) -> None:
+    """Record the data's classes with a run's checkpoints; a resumed run must see the same ones."""
+    f = ck / "classes.json"
+    if resume and f.is_file():
+        check_classes(json.loads(f.read_text()), None, classes, who=f"the interrupted run in {ck.parent}", data=data)
+    elif D.is_main():
+        atomic_write_text(f, json.dumps(list(classes)) + "\n")
 
 
 def _prepare_out(out: Path, resume: bool) -> None:
@@ -169,7 +193,10 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
                 weight_decay: float = 0.05, label_smoothing: float = 0.1, init: str | None = None,
                 resume: bool = False, device: torch.device | None = None, progress: bool = True,
                 net: nn.Module | None = None, compile: bool = False) -> dict:
-    """Train (or fine-tune from ``init``) a dense model; writes ``out/model.safetensors`` + report."""
+    """Train (or fine-tune from ``init``) a dense model; writes ``out/model.safetensors`` + report.
+
+    The data's classes must be those recorded with ``init`` (or with ``net``, as ``net.gpusq_classes``),
+    and their number the model's head size; the output records them."""
     out = Path(out)
     _prepare_out(out, resume)
     device = device or default_device()
@@ -179,6 +206,16 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
     net.to(device)
     D.broadcast_module_(net)  # identical initial weights on every rank
     loaders = build_loaders(data, model_input_size(net), batch_size, device)
+    classes = loaders.info.classes
+    init_classes = getattr(net, "gpusq_classes", None)
+    if init or init_classes is not None:
+        check_classes(init_classes, head_size(net), classes, who=f"--init {init}" if init else "the initial model",
+                      data=data.data)
+    else:
+        n = len(classes)
+        check_classes(None, head_size(net), classes, who=f"the model {model or ''}".rstrip(), data=data.data,
+                      note=False, hint=f"; pass --model-arg num_classes={n}")
+    _run_classes(out / "checkpoints", classes, resume, data.data)
     cfg = StageConfig(epochs=epochs, lr=lr, min_lr=lr * 1e-3, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, batch_size=batch_size, label_smoothing=label_smoothing)
     res = train_stage("train", net, loaders.train, cfg, device, flip=loaders.info.flip, crop_pad=loaders.info.crop_pad,
@@ -186,10 +223,10 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
                       progress=progress, compile=compile)
     metrics = evaluate(net, loaders.val, device, progress=progress)
     report = {"kind": "dense", "model": model, "model_kwargs": model_kwargs, "data": data.data,
-              "metrics": metrics, "history": res.history, "train_images_per_s": res.images_per_s * D.world(),
-              "train_seconds": res.seconds, "processes": D.world()}
+              "classes": classes, "metrics": metrics, "history": res.history,
+              "train_images_per_s": res.images_per_s * D.world(), "train_seconds": res.seconds, "processes": D.world()}
     if D.is_main():
-        _write_dense(net, out, model, model_kwargs)
+        _write_dense(net, out, model, model_kwargs, classes)
         _write_json(out / "report.json", report)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     D.barrier()
@@ -200,8 +237,14 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
 def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | Path, *,
              model_name: str | None = None, model_kwargs: dict | None = None, resume: bool = False,
              device: torch.device | None = None, progress: bool = True, ckpt_every: int = 0,
-             stage1_from: str | Path | None = None, compile: bool = False) -> dict:
+             stage1_from: str | Path | None = None, compile: bool = False,
+             teacher_classes: list[str] | None = None) -> dict:
     """Run GPUSQ on a trained dense ``teacher``; write the compressed model and reports to ``out``.
+
+    ``teacher_classes``: the class names the teacher was trained on, in label order (default: those
+    ``resolve_model`` attached as ``teacher.gpusq_classes``); the data's must be the same, else a
+    one-line error before any training (without names, the teacher's head size is checked). The
+    output records the classes.
 
     ``stage1_from``: reuse the stage-1 result of an earlier run (its ``out/stage1`` directory) and
     go straight to stage 2 (how the ablations share one sparse fine-tuning).
@@ -216,14 +259,20 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
     size = model_input_size(teacher)
     bs = data.batch_size or recipe.train.stage1.batch_size
     loaders = build_loaders(data, size, bs, device)
+    classes = loaders.info.classes
+    if teacher_classes is None:
+        teacher_classes = getattr(teacher, "gpusq_classes", None)
+    check_classes(teacher_classes, head_size(teacher), classes, who="the teacher", data=data.data)
     feats = feature_layers(teacher, recipe.distill.features) if recipe.distill.gamma > 0 else []
     ev = lambda m: evaluate(m, loaders.val, device, progress=False)  # noqa: E731
     teacher_metrics = ev(teacher)
     ck = out / "checkpoints"
     ck.mkdir(exist_ok=True)
+    _run_classes(ck, classes, resume, data.data)
     main = D.is_main()
     report: dict[str, Any] = {"kind": "compressed", "model": model_name, "model_kwargs": model_kwargs,
-                              "recipe": recipe.name, "data": data.data, "teacher_metrics": teacher_metrics}
+                              "recipe": recipe.name, "data": data.data, "classes": classes,
+                              "teacher_metrics": teacher_metrics}
 
     # stage 1: 2:4 prune + KD fine-tune from the dense teacher (features unweighted)
     student = copy.deepcopy(teacher).train()
@@ -232,10 +281,13 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
     if stage1_from is None and resume and (stage1_dir / "stage1.json").is_file():
         stage1_from = stage1_dir  # stage 1 finished before the interruption
     if stage1_from is not None:
-        state, _info, _r = read_compressed_dir(stage1_from)
+        state, s1_info, _r = read_compressed_dir(stage1_from)
         s1_file = Path(stage1_from) / "stage1.json"
         if any(k.endswith((".weight_scale", ".input_scale")) for k in state) or not s1_file.is_file():
             raise GpusqError(f"{stage1_from} is not a stage-1 (sparse, unquantized) output directory")
+        if s1_info.get("classes") is not None:
+            check_classes(s1_info["classes"], None, classes, who=f"the stage-1 model in {stage1_from}",
+                          data=data.data)
         build_compressed(student, state, recipe, source=str(stage1_from))
         student.to(device)
         s1 = json.loads(s1_file.read_text())
@@ -262,7 +314,8 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
         names = feature_layers(teacher, recipe.distill.features)
         distortion = D.mean_dict(measure_distortion(student, teacher, imp, names)) if names else {}
         if main:
-            save_compressed(student, stage1_dir, recipe, model_name, model_kwargs, dense_dtype="fp32")  # lossless
+            save_compressed(student, stage1_dir, recipe, model_name, model_kwargs, classes=classes,
+                            dense_dtype="fp32")  # lossless: stage 2 trains on it
             _write_json(stage1_dir / "stage1.json", {"history": hist1, "distortion": distortion})
         D.barrier()
     report["stage1_metrics"] = ev(student)
@@ -294,7 +347,7 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
         hist2 = r2.history
     # the final metrics are the stored model's (codes + bf16 dense tensors): what `gpusq eval` of the
     # output reproduces exactly
-    stored, stored_state, stored_meta = stored_model(student, recipe, model_name, model_kwargs)
+    stored, stored_state, stored_meta = stored_model(student, recipe, model_name, model_kwargs, classes)
     report["metrics"] = ev(stored)
     report["history"] = {"stage1": hist1, "stage2": hist2}
     bad = [n for n, ok in check_2to4(student).items() if not ok]
@@ -351,9 +404,13 @@ def load_any(checkpoint: str, model: str | None = None, model_kwargs: dict | Non
 def eval_checkpoint(checkpoint: str, data: DataOptions, model: str | None = None,
                     model_kwargs: dict | None = None, device: torch.device | None = None,
                     progress: bool = True) -> dict:
+    """Top-1/top-5 of ``checkpoint`` on the val split of ``data``, whose classes must be the ones the
+    checkpoint records (without names: as many as its head has)."""
     device = device or default_device()
     net = load_any(checkpoint, model, model_kwargs).to(device)
-    val_ds, _ = build_dataset(data.data, "val", model_input_size(net), data.skip_bad_images)
+    val_ds, info = build_dataset(data.data, "val", model_input_size(net), data.skip_bad_images)
+    check_classes(recorded_classes(checkpoint), head_size(net), info.classes, who=f"checkpoint {checkpoint}",
+                  data=data.data)
     val = Batches(val_ds, data.batch_size or 256, shuffle=False, workers=data.workers, pin=device.type == "cuda",
                   rank=D.rank(), world=D.world(), even=False)
     return evaluate(net, val, device, progress=progress)
@@ -374,6 +431,14 @@ def _model_args(ap: argparse.ArgumentParser, required: bool = False) -> None:
     ap.add_argument("--model", required=required, help="timm model name, e.g. deit_tiny_patch16_224")
     ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="timm keyword override, e.g. img_size=32 (repeatable, or comma-separated)")
+
+
+def _out_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--out", required=True, help="output directory: new or empty, or see --overwrite / --resume")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the gpusq output already in --out (its files are removed when the run starts; "
+                         "other files are kept)")
+    ap.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
 
 
 def _data_opts(a) -> DataOptions:
@@ -426,10 +491,12 @@ def _clean_failed_out(out: Path, created: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _run_writing(out: str, fn):
-    """``fn()``; on failure, leave no half-made --out behind (checkpoints for --resume are kept)."""
+def _run_writing(out: str, clear, fn):
+    """``clear()`` (the old output's files, under --overwrite) then ``fn()``; on failure, leave no
+    half-made --out behind (checkpoints for --resume are kept)."""
     created = not Path(out).exists()
     try:
+        clear()
         return fn()
     except BaseException:
         _clean_failed_out(Path(out), created)
@@ -448,13 +515,13 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.add_argument("--warmup-epochs", type=float, default=1.0)
         ap.add_argument("--weight-decay", type=float, default=0.05)
         ap.add_argument("--label-smoothing", type=float, default=0.1)
-        ap.add_argument("--out", required=True)
-        ap.add_argument("--resume", action="store_true")
+        _out_args(ap)
         ap.add_argument("--compile", action="store_true", help="torch.compile the model for training")
         ap.add_argument("--json", action="store_true")
         a = ap.parse_args(argv)
         d = _data_opts(a)
-        rep = _run_writing(a.out, lambda: train_dense(
+        clear = check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
+        rep = _run_writing(a.out, clear, lambda: train_dense(
             a.model, parse_model_kwargs(a.model_arg), d, a.out, epochs=a.epochs, lr=a.lr,
             batch_size=a.batch_size or 128, warmup_epochs=a.warmup_epochs, weight_decay=a.weight_decay,
             label_smoothing=a.label_smoothing, init=a.init, resume=a.resume, device=_device(a),
@@ -471,14 +538,14 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.add_argument("--recipe", default="int8", help="int8 | int4 | fp8 | sparse | a YAML file")
         ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field, e.g. train.stage1.epochs=2 (repeatable)")
-        ap.add_argument("--out", required=True)
-        ap.add_argument("--resume", action="store_true")
+        _out_args(ap)
         ap.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps")
         ap.add_argument("--stage1-from", default=None, help="reuse the stage1/ dir of an earlier run")
         ap.add_argument("--compile", action="store_true", help="torch.compile student and teacher for training")
         ap.add_argument("--json", action="store_true")
         a = ap.parse_args(argv)
         d = _data_opts(a)
+        clear = check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
         overrides: dict = {}
         from gpusq.recipes import _merge
 
@@ -486,7 +553,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
             overrides = _merge(overrides, parse_override(s))
         recipe = load_recipe(a.recipe, overrides)
         teacher, name, kwargs = resolve_model(a.model, parse_model_kwargs(a.model_arg), a.teacher)
-        rep = _run_writing(a.out, lambda: compress(
+        rep = _run_writing(a.out, clear, lambda: compress(
             teacher, recipe, d, a.out, model_name=name, model_kwargs=kwargs, resume=a.resume,
             device=_device(a), ckpt_every=a.ckpt_every, stage1_from=a.stage1_from, compile=a.compile))
         if not D.is_main():

@@ -2,13 +2,16 @@
 
 Shipped recipes (``gpusq/recipes/*.yaml``): ``sparse`` (2:4, no quantization), ``int8`` (W8A8
 2:4), ``int4`` (W4A8 2:4), ``fp8`` (E4M3 2:4). A user YAML may start from one (``base: int8``)
-and override any field; unknown keys and bad values are errors naming the key.
+and override any field; unknown keys and bad values are errors naming the key. A shipped name
+(``int8``) always means the shipped recipe, even where the working directory holds a file or an
+output directory called ``int8``; a local file is named by a path (``./int8``, ``mine.yaml``).
 """
 
 from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -169,18 +172,41 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def resolve_recipe_source(name_or_path: str) -> Path:
+    """The YAML file ``name_or_path`` stands for (what ``--recipe`` and ``base:`` accept).
+
+    * a name ending in ``.yaml`` / ``.yml`` is a file path (relative to the working directory);
+    * a bare name (no path separator) of a shipped recipe is that shipped recipe, whatever the working
+      directory holds: after ``gpusq compress ... --out int8``, ``--recipe int8`` and the shipped
+      ``base: int8`` still mean the shipped ``int8``, not the output directory ``./int8``;
+    * anything else names a file, with or without a suffix: ``./int8`` or ``recipes/int8`` is the
+      YAML file of that name (write the path that way to use a local file that is called like a
+      shipped recipe). A directory is an error naming it, never searched.
+    """
+    text = str(name_or_path)
+    p = Path(text)
+    shipped = recipe_dir() / f"{text}.yaml"
+    explicit_path = p.suffix in YAML_SUFFIXES or any(sep in text for sep in ("/", os.sep, os.altsep or "/"))
+    if not explicit_path and shipped.is_file():
+        return shipped
+    if p.is_dir():
+        hint = f"; for the shipped recipe write {p.name}" if (recipe_dir() / f"{p.name}.yaml").is_file() else ""
+        raise GpusqError(f"recipe {text} is a directory, not a YAML file{hint}")
+    if p.is_file():
+        return p
+    if explicit_path:
+        raise GpusqError(f"recipe file not found: {text}")
+    raise GpusqError(f"unknown recipe '{text}' (available: {', '.join(list_recipes())})")
+
+
 def _raw(name_or_path: str, depth: int = 0) -> dict:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise GpusqError(f"recipe file not found: {name_or_path}")
-        data = _read_yaml(p)
-    else:
-        f = recipe_dir() / f"{name_or_path}.yaml"
-        if not f.is_file():
-            raise GpusqError(f"unknown recipe '{name_or_path}' (available: {', '.join(list_recipes())})")
-        data = _read_yaml(f)
-        data.setdefault("name", name_or_path)
+    f = resolve_recipe_source(name_or_path)
+    data = _read_yaml(f)
+    if f.parent == recipe_dir() and f.stem == str(name_or_path):  # a shipped recipe by name
+        data.setdefault("name", str(name_or_path))
     base = data.pop("base", None)
     if base is not None:
         if depth > 8:
@@ -190,7 +216,10 @@ def _raw(name_or_path: str, depth: int = 0) -> dict:
 
 
 def load_recipe(name_or_path: str | Recipe, overrides: dict | None = None) -> Recipe:
-    """A shipped recipe by name, or a YAML file (optionally ``base:``-ing on one), plus overrides."""
+    """A shipped recipe by name, or a YAML file (optionally ``base:``-ing on one), plus overrides.
+
+    Names and paths resolve as ``resolve_recipe_source`` says: a shipped name never means a file
+    or directory of that name in the working directory."""
     if isinstance(name_or_path, Recipe):
         data = name_or_path.to_dict()
     else:

@@ -7,7 +7,8 @@ the semantic label of each pixel is unambiguous). Per digit: the box of its non-
 
 * ``DIR/images/NNNNN.png`` (8-bit grayscale) and ``DIR/instances.json`` (COCO format, category id
   = digit + 1, masks as uncompressed RLE);
-* ``DIR/labels/NNNNN.png`` (ADE20K style: 0 background, 1 + digit on the digit's pixels).
+* ``DIR/labels/NNNNN.png`` (ADE20K style: 0 background, 1 + digit on the digit's pixels) and
+  ``DIR/classes.txt`` (the label names: ``background``, ``0`` ... ``9``).
 
 Everything comes from one seed, so ``python -m gpusq.tasks.mnist_canvas --out DIR --n 500`` rebuilds
 the same files anywhere.
@@ -110,6 +111,7 @@ def build_mnist_canvas(out: str | Path, n: int = 500, size: int = 96, max_digits
     coco = {"info": {"description": desc},
             "images": images, "annotations": anns, "categories": CATEGORIES}
     atomic_write_text(out / "instances.json", json.dumps(coco))
+    atomic_write_text(out / "classes.txt", "\n".join(["background"] + [c["name"] for c in CATEGORIES]) + "\n")
     return {"images": n, "instances": len(anns), "out": str(out)}
 
 

@@ -33,9 +33,11 @@ import yaml
 from torch import nn
 
 from gpusq.checkpoint import atomic_write, atomic_write_text, load_compressed, stored_model, write_compressed
+from gpusq.classes import check_classes, check_same_classes
 from gpusq.distill import FeatureHooks, feature_layers, feature_loss, layer_weights_from_distortion, soft_loss
 from gpusq.errors import GpusqError, close_matches
 from gpusq.models import parse_model_kwargs
+from gpusq.outdir import check_out_dir
 from gpusq.quant import calibrate, quantize_
 from gpusq.recipes import Recipe, StageConfig, _merge, load_recipe, parse_override
 from gpusq.sparsity import SparsityConfig, check_2to4, sparsify_
@@ -72,6 +74,34 @@ def seg_dir(path: str | Path) -> SegmentationFolder:
     if not p.is_dir():
         raise GpusqError(f"data folder {p} does not exist")
     return SegmentationFolder(p)
+
+
+def data_classes(ds) -> list[str] | None:
+    """The class names of task data in label order: COCO category names (labels 1..K; the background
+    is not one), or a segmentation folder's ``classes.txt`` (label 0, the background, included);
+    None when the data names none."""
+    if isinstance(ds, CocoDetection):
+        return [ds.class_names[i] for i in range(1, ds.num_classes)]
+    names = getattr(ds, "classes", None)
+    return list(names) if names is not None else None
+
+
+def model_classes(model: nn.Module) -> int | None:
+    """How many classes ``model`` predicts, counted as ``data_classes`` counts them."""
+    rh = getattr(model, "roi_heads", None)
+    if rh is not None:  # torchvision Mask R-CNN: its num_classes includes the background
+        return rh.box_predictor.cls_score.out_features - 1
+    n = getattr(getattr(model, "config", None), "num_labels", None)  # DETR: K; UPerNet: background included
+    return n if isinstance(n, int) else None
+
+
+def _check_data_classes(ds, val, data: str, val_data: str | None) -> list[str] | None:
+    """The class names of ``ds`` (None if it names none); ``val`` must have the same ones."""
+    names = data_classes(ds)
+    vnames = data_classes(val)
+    if val_data and names is not None and vnames is not None:
+        check_same_classes(names, vnames, f"--data {data}", f"--val-data {val_data}")
+    return names
 
 
 def pad_collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +228,12 @@ def _seg_logit_kd(teacher: nn.Module, batch, cap: dict[str, Any], t_logits: torc
 
 
 def _seg_kwargs(ds: SegmentationFolder, kwargs: dict[str, Any]) -> dict[str, Any]:
-    return dict(kwargs)
+    """``num_labels`` defaults to the number of classes the folder's ``classes.txt`` names (if any)."""
+    kw = dict(kwargs)
+    if ds.classes is not None and kw.setdefault("num_labels", len(ds.classes)) != len(ds.classes):
+        raise GpusqError(f"num_labels={kw['num_labels']} but the data names {len(ds.classes)} classes "
+                         f"(background included) in its classes.txt")
+    return kw
 
 
 def _seg_eval(model: nn.Module, ds: SegmentationFolder, batch_size: int, device: torch.device) -> dict[str, float]:
@@ -211,7 +246,7 @@ MASKRCNN = Task(
     name="detection", family="maskrcnn", models=DETECTION_MODELS, include=DETECTION_INCLUDE,
     features=DETECTION_FEATURES, load_data=coco_folder, collate=collate_list, to_device=_det_to,
     losses=_maskrcnn_losses, teacher_features=_maskrcnn_teacher, evaluate=_det_eval,
-    data_info=lambda ds: {"label_to_cat": ds.label_to_cat}, check_kwargs=_det_kwargs,
+    data_info=lambda ds: {"label_to_cat": ds.label_to_cat, "classes": data_classes(ds)}, check_kwargs=_det_kwargs,
     summary=lambda m: f"bbox mAP {m['bbox_map']:.4f}  segm mAP {m['segm_map']:.4f}",
     logit_kd=_maskrcnn_logit_kd,
     dense_layers="everything outside the backbone's transformer blocks (patch embedding, patch merging, "
@@ -221,7 +256,8 @@ UPERNET = Task(
     name="segmentation", family="upernet", models=SEGMENTATION_MODELS, include=SEGMENTATION_INCLUDE,
     features=SEGMENTATION_FEATURES, load_data=seg_dir, collate=pad_collate,
     to_device=lambda b, d: (b[0].to(d), b[1].to(d)), losses=_seg_losses,
-    teacher_features=lambda t, b: t(pixel_values=b[0]).logits, evaluate=_seg_eval, data_info=lambda ds: {},
+    teacher_features=lambda t, b: t(pixel_values=b[0]).logits, evaluate=_seg_eval,
+    data_info=lambda ds: {"classes": ds.classes} if ds.classes is not None else {},
     check_kwargs=_seg_kwargs, summary=lambda m: f"mIoU {m['miou']:.4f}  pixel acc {m['pixel_acc']:.4f}",
     logit_kd=_seg_logit_kd,
     dense_layers="everything outside the backbone's transformer blocks (patch embedding, patch merging, "
@@ -236,7 +272,8 @@ def _detr_spec() -> Task:
         name="detection", family="detr", models=detr.DETR_MODELS, include=detr.DETR_INCLUDE,
         features=detr.DETR_FEATURES, load_data=detr.load_coco, collate=detr.collate, to_device=detr.to_device,
         losses=detr.losses, teacher_features=detr.teacher_features, evaluate=detr.evaluate,
-        data_info=lambda ds: {"label_to_cat": ds.label_to_cat}, check_kwargs=detr.check_kwargs,
+        data_info=lambda ds: {"label_to_cat": ds.label_to_cat, "classes": data_classes(ds)},
+        check_kwargs=detr.check_kwargs,
         summary=lambda m: f"bbox mAP {m['bbox_map']:.4f}", logit_kd=detr.logit_kd,
         dense_layers="the ResNet backbone, input projection, query embeddings and the class / box heads",
     )
@@ -457,6 +494,7 @@ def train_dense_task(task: str, model_name: str, model_kwargs: dict[str, Any], d
     device = device or torch.device("cpu")
     ds = t.load_data(data)
     val = t.load_data(val_data) if val_data else ds
+    names = _check_data_classes(ds, val, data, val_data)
     kw = t.check_kwargs(ds, model_kwargs)
     torch.manual_seed(seed)
     model = t.create(model_name, **kw).to(device)
@@ -469,7 +507,8 @@ def train_dense_task(task: str, model_name: str, model_kwargs: dict[str, Any], d
     metrics = evaluate_task(t, model, val, cfg.batch_size, device)
     # one copy per key: safetensors refuses tensors that share memory (tied heads, e.g. Deformable-DETR's)
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"gpusq_task": task}))
+    meta = {"gpusq_task": task, **({"classes": json.dumps(names)} if names is not None else {})}
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata=meta))
     _write_task_info(out, {"task": task, "format": TASK_FORMAT, "model": model_name, "model_kwargs": kw,
                            "compressed": False, **t.data_info(ds)})
     report = {"task": task, "model": model_name, "metrics": metrics, "train_losses": losses}
@@ -546,6 +585,11 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
     device = device or torch.device("cpu")
     teacher, info, t, ds = load_teacher(task, teacher_dir, data, model, model_kwargs, device)
     val = t.load_data(val_data) if val_data else ds
+    names = _check_data_classes(ds, val, data, val_data)
+    if names is not None:  # a weights-file teacher records no names: its head size is checked
+        recorded = info.get("classes") if Path(teacher_dir).is_dir() else None
+        check_classes(recorded, model_classes(teacher), names, who="the teacher", data=data)
+        info = {**info, "classes": names}
     if "label_to_cat" in info and ds.label_to_cat != {int(k): v for k, v in info["label_to_cat"].items()}:
         raise GpusqError(f"the categories of {data} differ from the teacher's ({teacher_dir})")
     for p in teacher.parameters():
@@ -591,7 +635,8 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
     if recipe.sparse and not all(ok.values()):
         raise RuntimeError(f"2:4 pattern lost in {[n for n, v in ok.items() if not v]}")  # a bug, not user input
     # metrics of the model as stored (codes + bf16 dense tensors): `gpusq eval` of the output reproduces them
-    stored, stored_state, stored_meta = stored_model(student, recipe, info["model"], info["model_kwargs"])
+    stored, stored_state, stored_meta = stored_model(student, recipe, info["model"], info["model_kwargs"],
+                                                     classes=names)
     metrics = evaluate_task(t, stored, val, s1.batch_size, device)
     write_compressed(stored_state, stored_meta, out, recipe)
     _write_task_info(out, {**info, "compressed": True, "recipe": recipe.name})
@@ -629,6 +674,8 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--resume", action="store_true", help="train/compress: continue an interrupted run in --out")
+    ap.add_argument("--overwrite", action="store_true", help="train/compress: replace the gpusq output in --out "
+                    "(its files are removed when the run starts; other files are kept)")
 
 
 def _models_help() -> str:
@@ -649,6 +696,7 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.add_argument("--out", required=True)
         a = ap.parse_args(argv)
         t = task_spec(check_task(a.task), a.model)
+        check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)()
         cfg = StageConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size or 8, min_lr=a.lr * 0.01)
         rep = train_dense_task(t.name, a.model, parse_model_kwargs(a.model_arg), a.data, a.out, val_data=a.val_data,
                                cfg=cfg, seed=a.seed, device=_device(a), resume=a.resume)
@@ -669,10 +717,12 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         task = check_task(a.task)
         if a.model:
             task_spec(task, a.model)
+        clear = check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
         overrides: dict = {}
         for s in a.set:
             overrides = _merge(overrides, parse_override(s))
         recipe = load_recipe(a.recipe, overrides)
+        clear()
         rep = compress_task(task, a.teacher, recipe, a.data, a.out, model=a.model,
                             model_kwargs=parse_model_kwargs(a.model_arg), val_data=a.val_data,
                             batch_size=a.batch_size, seed=a.seed, device=_device(a), resume=a.resume)
@@ -689,7 +739,14 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         task = check_task(a.task)
         model, info = load_task_dir(a.checkpoint, task, _device(a))
         t = task_spec(task, info["model"])
-        m = evaluate_task(t, model, t.load_data(a.data), a.batch_size or 8)
+        ds = t.load_data(a.data)
+        names = data_classes(ds)
+        if names is not None:
+            check_classes(info.get("classes"), model_classes(model), names, who=f"checkpoint {a.checkpoint}",
+                          data=a.data)
+        if "label_to_cat" in info and ds.label_to_cat != {int(k): v for k, v in info["label_to_cat"].items()}:
+            raise GpusqError(f"the category ids of {a.data} differ from the checkpoint's ({a.checkpoint})")
+        m = evaluate_task(t, model, ds, a.batch_size or 8)
         print(json.dumps(m) if a.json else f"{t.summary(m)}  ({m['images']} images)", file=sys.stdout)
         return 0
     raise GpusqError(f"--task is not supported by gpusq {command}")

@@ -2,7 +2,9 @@
 
 Label PNGs hold one class index per pixel (``0`` background ... ``K-1``, ``255`` ignored), as the
 MNIST-canvas builder writes them. Images keep their own sizes (batch with ``collate_list``); a label
-map whose size differs from its image is a one-line GpusqError.
+map whose size differs from its image is a one-line GpusqError. An optional ``classes.txt`` (one
+class name per line, line ``i`` naming label ``i``, background included) names the classes; models
+record them and are checked against them (``gpusq.classes``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ class SegmentationFolder(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, images: str = "images", labels: str = "labels"):
         root = Path(root)
         self.img_dir, self.lab_dir = root / images, root / labels
+        names = root / "classes.txt"
+        self.classes: list[str] | None = None  # the class names in label order, when the folder names them
+        if names.is_file():
+            self.classes = [line.strip() for line in names.read_text().splitlines() if line.strip()]
+            if not self.classes:
+                raise GpusqError(f"{names} names no class (one class name per line, label order)")
         for d in (self.img_dir, self.lab_dir):
             if not d.is_dir():
                 raise GpusqError(f"{d} does not exist (expected {root}/{images} and {root}/{labels})")
