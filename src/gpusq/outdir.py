@@ -40,7 +40,9 @@ def _is_gpusq_model(f: Path) -> bool:
             meta = sf.metadata() or {}
     except Exception:  # noqa: BLE001 - not a safetensors file: not ours
         return False
-    return "gpusq_format" in meta or "gpusq_task" in meta
+    from gpusq.checkpoint import META_KEY
+
+    return "gpusq_format" in meta or "gpusq_task" in meta or META_KEY in meta
 
 
 def _has_run_state(d: Path) -> bool:
