@@ -56,6 +56,23 @@ def test_train_compress_eval(data, tmp_path, capsys):
     assert ev["bbox_map"] == pytest.approx(rep["metrics"]["bbox_map"], abs=1e-9)
     assert ev["segm_map"] == pytest.approx(rep["metrics"]["segm_map"], abs=1e-9)
 
+    # every command on the task output: eval without --task (read from task.yaml), stats as stored,
+    # export / deploy stop with one line
+    assert main(["eval", "--checkpoint", str(c), "--data", str(data / "val"), "--json"]) == 0
+    assert _json_out(capsys)["bbox_map"] == pytest.approx(ev["bbox_map"], abs=1e-12)
+    assert main(["stats", "--checkpoint", str(c), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["file_bytes"] == (c / "model.safetensors").stat().st_size and st["task"] == "detection"
+    assert 1.0 <= st["file_bytes"] / st["size_bytes_compressed"] < 1.1
+    assert main(["export", "--checkpoint", str(c), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "writes ONNX for classification models" in err and "detection output" in err
+    from gpusq.deploy import deploy
+    from gpusq.errors import GpusqError
+
+    with pytest.raises(GpusqError, match="deploy\\(\\) builds classification models"):
+        deploy(str(c))
+
 
 def test_teacher_weights_file_with_model(data, tmp_path, capsys):
     """A user's own checkpoint (a state-dict file) + --model NAME is a valid teacher."""

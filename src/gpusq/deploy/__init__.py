@@ -223,8 +223,8 @@ def deploy(model_or_dir, recipe=None, batch_sizes=(1,), *, input_size: tuple[int
         raise GpusqError(f"fp8_kernel must be auto, sparse or dense, got {fp8_kernel!r}")
     if compile not in ("blocks", "model", "none"):
         raise GpusqError(f"compile must be blocks, model or none, got {compile!r}")
+    model, recipe = _as_model(model_or_dir, recipe)  # (an unsupported output says so before the GPU check)
     dev = device or check_gpu()
-    model, recipe = _as_model(model_or_dir, recipe)
     layers = compressed_layers(model)
     if not layers:
         raise GpusqError("the model has no compressed layers (run sparsify_/quantize_ or gpusq compress "
