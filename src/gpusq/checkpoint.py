@@ -168,10 +168,17 @@ def save_compressed(
     ``classes``: the class names in label order (``read_compressed_dir`` returns them as
     ``info["classes"]``). ``dense_dtype`` overrides the recipe's ``deploy.dense_dtype`` for the
     uncompressed tensors (the stage-1 intermediate keeps ``fp32``)."""
+    state, _, meta = _encode(model, recipe, model_name, model_kwargs, classes, dense_dtype)
+    return write_compressed(state, meta, out_dir, recipe)
+
+
+def _encode(model: nn.Module, recipe: Recipe, model_name: str | None, model_kwargs: dict,
+            classes: list[str] | None, dense_dtype: str | None = None,
+            ) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, str]]:
+    """(tensors, per-layer metadata, file metadata) of ``model`` in format 2."""
     dense_dtype = dense_dtype or recipe.deploy.dense_dtype
     state, layers_meta = export_state(model, dense_dtype)
-    return write_compressed(state, _metadata(recipe, model_name, model_kwargs, classes, layers_meta, dense_dtype),
-                            out_dir, recipe)
+    return state, layers_meta, _metadata(recipe, model_name, model_kwargs, classes, layers_meta, dense_dtype)
 
 
 def write_compressed(state: dict[str, torch.Tensor], meta: dict[str, str], out_dir: str | Path,
@@ -196,15 +203,10 @@ def stored_model(model: nn.Module, recipe: Recipe, model_name: str | None, model
     ``model`` rebuilt from its encoded state, so metrics measured on it are the saved model's."""
     import copy
 
-    dense_dtype = recipe.deploy.dense_dtype
-    state, layers_meta = export_state(model, dense_dtype)
-    meta = _metadata(recipe, model_name, model_kwargs, classes, layers_meta, dense_dtype)
+    state, layers_meta, meta = _encode(model, recipe, model_name, model_kwargs, classes)
     decoded, codes = decode_state(state, layers_meta)
     m = copy.deepcopy(model)
-    build_compressed(m, decoded, recipe, source="the encoded model", names=list(layers_meta))
-    for name, layer in compressed_layers(m).items():
-        if name in codes:
-            attach_codes(layer, codes[name])
+    build_compressed(m, decoded, recipe, source="the encoded model", names=list(layers_meta), codes=codes)
     return m, state, meta
 
 
@@ -250,12 +252,12 @@ def read_compressed_dir(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
 
 def build_compressed(
     model: nn.Module, state: dict[str, torch.Tensor], recipe: Recipe, source: str = "checkpoint",
-    names: list[str] | None = None,
+    names: list[str] | None = None, codes: dict[str, LayerCodes] | None = None,
 ) -> nn.Module:
     """Give ``model`` the compressed structure recorded in ``state`` and load it (in place).
 
     Weight quantizers get their stored scales frozen, so the model computes exactly what the
-    compressed model that was saved computed.
+    compressed model that was saved computed; ``codes`` (format 2) are attached to their layers.
     """
     from gpusq.models import load_weights_
 
@@ -286,6 +288,8 @@ def build_compressed(
             if layer.input_quant is not None:
                 layer.input_quant.scale.data.copy_(state[f"{name}.input_scale"].reshape(()))
                 layer.input_quant.calibrated.fill_(True)
+            if codes and name in codes:  # format 2: the codes the layer was stored with
+                attach_codes(layer, codes[name])
     return model
 
 
@@ -319,9 +323,6 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> tuple[n
             info["task"] = task
         else:
             model = create_model(info["model"], **info["model_kwargs"])
-    build_compressed(model, state, recipe, source=str(path), names=info["layers"])
-    for name, layer in compressed_layers(model).items():
-        if name in info["codes"]:
-            attach_codes(layer, info["codes"][name])
+    build_compressed(model, state, recipe, source=str(path), names=info["layers"], codes=info["codes"])
     model.eval()
     return model, recipe, info
