@@ -356,9 +356,7 @@ def first_block_call(model, x):
     """A no-argument call of a timm ViT's first transformer block on its real input (fused or not),
     for counting the kernels of one block; ``None`` for models without that structure."""
     import torch
-    import torch.nn.functional as F
 
-    from gpusq.deploy.cusparselt import round_up
     from gpusq.deploy.vit import FusedBlocks
 
     need = ("patch_embed", "_pos_embed", "blocks")
@@ -369,9 +367,8 @@ def first_block_call(model, x):
         t = getattr(model, "norm_pre", lambda v: v)(getattr(model, "patch_drop", lambda v: v)(t))
         blocks = model.blocks
         if isinstance(blocks, FusedBlocks):
-            b, n, c = t.shape
-            xr = F.pad(t.reshape(b * n, c).to(torch.bfloat16), (0, round_up(c) - c, 0, round_up(b * n) - b * n))
-            xr = xr.contiguous()
+            b, n, _ = t.shape
+            xr = FusedBlocks.pad(t)
             blk = blocks.blocks[0]
             return lambda _x: blk(xr, b, n)
         blk = blocks[0]

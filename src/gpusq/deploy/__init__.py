@@ -136,6 +136,7 @@ class DeployedModel(nn.Module):
 
     def kernel_report(self) -> list[dict]:
         """Per deployed layer: kind, shape, epilogue mode and the kernel/alg chosen per row count."""
+        from gpusq.deploy.cslt import SparseGemm
         from gpusq.deploy.modules import DeployedLinear
         from gpusq.deploy.vit import FusedBlocks
 
@@ -145,9 +146,8 @@ class DeployedModel(nn.Module):
                 for gname, g in m.gemms().items():
                     ep = [t for t, on in (("alpha", True), ("bias", g.bias is not None), ("gelu", g.gelu),
                                           ("residual", g.residual)) if on]
-                    lib = "cusparselt-nvmath" if g.out_dtype != torch.float8_e4m3fn and not hasattr(g, "w_fp8") \
-                        else "cublaslt-nvmath"
-                    sparse = lib.startswith("cusparselt")
+                    sparse = isinstance(g, SparseGemm)  # else the dense FP8 baseline's DenseFp8Gemm
+                    lib = "cusparselt-nvmath" if sparse else "cublaslt-nvmath"
                     out.append({"layer": f"{name}.{gname}", "kind": "int8" if sparse else "fp8", "sparse": sparse,
                                 "n": g.n, "k": g.k, "epilogue": "+".join(ep) + f"->{g.out}",
                                 "choice": {str(mp): [lib, t["alg"]] for mp, t in g.report().items()},

@@ -189,11 +189,17 @@ class FusedBlocks(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
+        return self.run(self.pad(x), b, n)[: b * n, :c].reshape(b, n, c).to(x.dtype)
+
+    @staticmethod
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, N, C] -> the padded bf16 residual stream [Mp, Cp] the blocks run on."""
+        b, n, c = x.shape
         m, mp, cp = b * n, cs.round_up(b * n), cs.round_up(c)
         xr = x.reshape(m, c).to(torch.bfloat16)
         if (mp, cp) != (m, c):
             xr = F.pad(xr, (0, cp - c, 0, mp - m))
-        return self.run(xr.contiguous(), b, n)[:m, :c].reshape(b, n, c).to(x.dtype)
+        return xr.contiguous()
 
     def run(self, xr: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
         """All blocks on the padded residual stream [Mp, Cp] (bf16) of ``batch`` x ``tokens`` rows."""
