@@ -5,6 +5,15 @@ import timm
 TINY_KW = dict(img_size=16, patch_size=4, in_chans=3, num_classes=10, embed_dim=32, depth=2, num_heads=2)
 
 
+# the CLI tests' tiny 4-class model and a compress run of a few steps
+MODEL = "deit_tiny_patch16_224"
+KWD = dict(img_size=16, patch_size=4, num_classes=4, embed_dim=32, depth=1, num_heads=2)
+KW = ",".join(f"{k}={v}" for k, v in KWD.items())
+FAST = ["--workers", "0", "--batch-size", "8", "--device", "cpu"]
+TINY_RECIPE = ["--set", "train.stage1.epochs=0.25", "--set", "train.stage2.epochs=0.25",
+               "--set", "train.calib_batches=1", "--set", "train.importance_batches=1"]
+
+
 def tiny_vit(**kw):
     return timm.create_model("deit_tiny_patch16_224", **{**TINY_KW, **kw})
 

@@ -13,13 +13,7 @@ from PIL import Image
 from gpusq.cli import main
 from gpusq.errors import GpusqError
 from gpusq.pipeline import DataOptions, _write_dense, build_loaders
-
-MODEL = "deit_tiny_patch16_224"
-KWD = dict(img_size=16, patch_size=4, num_classes=4, embed_dim=32, depth=1, num_heads=2)
-KW = ",".join(f"{k}={v}" for k, v in KWD.items())
-FAST = ["--workers", "0", "--batch-size", "8", "--device", "cpu"]
-TINY_RECIPE = ["--set", "train.stage1.epochs=0.25", "--set", "train.stage2.epochs=0.25",
-               "--set", "train.calib_batches=1", "--set", "train.importance_batches=1"]
+from tests.helpers import FAST, KW, KWD, MODEL, TINY_RECIPE
 
 
 def _images(root, n=8, modes=("RGB",), classes=4, size=16):

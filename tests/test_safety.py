@@ -19,13 +19,8 @@ from PIL import Image
 from gpusq.classes import recorded_classes
 from gpusq.cli import main
 from gpusq.pipeline import _write_dense
+from tests.helpers import FAST, KW, KWD, MODEL, TINY_RECIPE
 
-MODEL = "deit_tiny_patch16_224"
-KWD = dict(img_size=16, patch_size=4, num_classes=4, embed_dim=32, depth=1, num_heads=2)
-KW = ",".join(f"{k}={v}" for k, v in KWD.items())
-FAST = ["--workers", "0", "--batch-size", "8", "--device", "cpu"]
-TINY_RECIPE = ["--set", "train.stage1.epochs=0.25", "--set", "train.stage2.epochs=0.25",
-               "--set", "train.calib_batches=1", "--set", "train.importance_batches=1"]
 CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
