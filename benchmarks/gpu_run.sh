@@ -37,7 +37,7 @@ for k in ("int8", "fp8", "bf16"):
 PY
       ;;
     cifar)  # the trained CIFAR-10 DeiTs of the correctness tests, made here in seconds
-      [ -f .carry/cifar_deit_int4/model.safetensors ] || timeout 300 python3 tests/gpu/make_cifar_model.py --device cuda \
+      [ -f .carry/cifar_swin_int4/model.safetensors ] || timeout 300 python3 tests/gpu/make_cifar_model.py --device cuda \
         --zip .carry/cifar10-jpeg-20k.zip --out .carry 2>&1 | grep -vE "^  step" | tee -a "$LOG"
       ;;
     fusedcheck)  # each fused kernel against its reference, quick (before the whole suite)

@@ -62,6 +62,33 @@ def ref_assemble_tokens(tokens, prefix, pos, rows_out, cols_out, out=None):
     return F.pad(x, (0, cols_out - x.shape[1], 0, rows_out - x.shape[0])).to(tokens.dtype)
 
 
+def _gathered(row_map, images, src_rows):
+    src = (torch.arange(images)[:, None] * src_rows + row_map.long()[None]).reshape(-1)
+    return src.clamp(min=0), (row_map >= 0).repeat(images)
+
+
+def ref_layernorm_quant_gather(x, weight, bias, eps, inv_scale, cols, row_map, images, src_rows, out_rows,
+                               out_dtype=torch.int8, out=None):
+    src, valid = _gathered(row_map, images, src_rows)
+    y = F.layer_norm(x[src, :cols].float(), (cols,), weight, bias, eps)
+    q = torch.clamp(torch.round(y * inv_scale), -128, 127) * valid[:, None]
+    return F.pad(q, (0, x.shape[1] - cols, 0, out_rows - q.shape[0])).to(torch.int8)
+
+
+def ref_window_attention(qkv, bias, row_map, inv_scale, out, *, images, window_tokens, heads, head_dim, scale,
+                         src_rows):
+    n, width = window_tokens, heads * head_dim
+    nw = row_map.numel() // n
+    t = qkv[: images * nw * n, : 3 * width].float().reshape(images * nw, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = t.unbind(0)
+    bidx = torch.arange(images * nw) % bias.shape[0]
+    s = q @ k.transpose(-1, -2) * scale + bias[bidx][:, :, :n, :n].float()
+    o = (s.softmax(-1) @ v).transpose(1, 2).reshape(-1, width)
+    src, valid = _gathered(row_map, images, src_rows)
+    out[src[valid], :width] = torch.clamp(torch.round(o[valid] * inv_scale), -128, 127).to(out.dtype)
+    return out
+
+
 @pytest.fixture
 def reference_kernels(monkeypatch):
     import gpusq.deploy.cslt as cslt
@@ -71,6 +98,8 @@ def reference_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "layernorm_quant", ref_layernorm_quant)
     monkeypatch.setattr(kernels, "quantize_heads", ref_quantize_heads)
     monkeypatch.setattr(kernels, "assemble_tokens", ref_assemble_tokens)
+    monkeypatch.setattr(kernels, "layernorm_quant_gather", ref_layernorm_quant_gather)
+    monkeypatch.setattr(kernels, "window_attention", ref_window_attention)
 
 
 def _compressed(name="deit_tiny_patch16_224", recipe="int8", seed=0, **kw):
@@ -197,3 +226,66 @@ def test_fused_forward_refuses_other_pooling(reference_kernels):
     fm, why = _fused_copy(model)
     assert why is None
     assert "class-token pooling" in fuse_vit_forward(fm)
+
+
+# Swin: 10 x 10 tokens in windows of 4 (padded to 12 x 12, shifted by 2 in odd blocks), then 5 x 5
+# (padded to 8 x 8); head dim 16.
+SWIN = dict(img_size=40, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=10)
+
+
+def _fused_swin(model):
+    from gpusq.deploy.swin import fuse_swin_blocks
+    from gpusq.layers import compressed_layers
+
+    fm = copy.deepcopy(model)
+    return fm, fuse_swin_blocks(fm, compressed_layers(fm), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int4"])
+def test_fused_swin_blocks_match_fake_quant(reference_kernels, recipe):
+    """Shifted and padded windows, the row maps, the bias tables and the residual stream in token order
+    give the fake-quant Swin's logits; at batch 1 the rows are padded (100 -> 128, 25 -> 32)."""
+    from gpusq.deploy.swin import FusedSwinBlocks
+
+    model, size = _compressed("swin_tiny_patch4_window7_224", recipe=recipe, **SWIN)
+    assert any(any(b.shift_size) for b in model.layers[0].blocks)
+    fm, why = _fused_swin(model)
+    assert why is None and all(isinstance(st.blocks, FusedSwinBlocks) for st in fm.layers)
+    for b in (1, 3):
+        x = torch.randn(b, 3, size, size)
+        with torch.no_grad():
+            ref, out = model(x), fm(x)
+        assert _rel(out, ref) < 3e-2, (b, _rel(out, ref))
+        assert bool((out.argmax(1) == ref.argmax(1)).all())
+
+
+@pytest.mark.parametrize("hw,window,shift", [((10, 9), (4, 4), (2, 2)), ((8, 8), (4, 4), (0, 0)),
+                                             ((200, 336), (7, 7), (3, 3))])
+def test_window_tables_are_timms(hw, window, shift):
+    """The row map is timm's roll(-shift) -> pad -> window_partition of the token ids, and the mask is
+    timm's SW-MSA mask: both checked against timm's own functions (a wrong shift or order fails)."""
+    from timm.models.swin_transformer import SwinTransformerBlock, window_partition
+
+    from gpusq.deploy.swin import shift_mask, window_row_map
+
+    h, w = hw
+    ids = torch.arange(h * w, dtype=torch.float32).view(1, h, w, 1)
+    x = torch.roll(ids, shifts=(-shift[0], -shift[1]), dims=(1, 2)) if any(shift) else ids
+    ph, pw = (-h) % window[0], (-w) % window[1]
+    x = F.pad(x, (0, 0, 0, pw, 0, ph), value=-1.0)
+    want = window_partition(x, window).reshape(-1)
+    assert torch.equal(window_row_map(h, w, window, shift).float(), want)
+    blk = SwinTransformerBlock(8, (h, w), num_heads=1, window_size=window, shift_size=shift[0])
+    mask = shift_mask(h, w, window, shift)
+    if blk.attn_mask is None:
+        assert mask is None
+    else:
+        assert torch.equal(mask, blk.attn_mask.float())
+
+
+def test_fused_swin_refuses_what_it_cannot_run():
+    model, _ = _compressed("swin_tiny_patch4_window7_224", **{**SWIN, "num_heads": (4, 8)})  # head dim 8
+    fm, why = _fused_swin(model)
+    assert "head dim 8" in why and not hasattr(fm.layers[0].blocks, "gpusq_fused")
+    deit, _ = _compressed(**TINY)
+    assert _fused_swin(deit)[1] == "the model has no timm Swin stages"

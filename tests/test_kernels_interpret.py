@@ -283,6 +283,86 @@ def case_out_given(K, dev, interpreted):
     _check_int8(out.cpu()[:6, :40], o.transpose(1, 2).reshape(6, 40) * inv, exact=True)
 
 
+def _gather_rows(row_map: torch.Tensor, images: int, src_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source row of each gathered row, whether it is a real token) for ``images`` images."""
+    src = (torch.arange(images)[:, None] * src_rows + row_map.long()[None]).reshape(-1)
+    return src.clamp(min=0), (row_map >= 0).repeat(images)
+
+
+def case_layernorm_gather_swin_order(K, dev, interpreted):
+    """Rows read in Swin's shifted, padded window order (10 x 9 tokens, window 4, shift 2): gathered
+    rows are the LayerNorm codes of their source rows, padding windows and rows zero."""
+    from gpusq.deploy.swin import window_row_map
+
+    torch.manual_seed(9)
+    h, w, images, cols, inv = 10, 9, 2, 96, 30.0
+    rmap = window_row_map(h, w, (4, 4), (2, 2))
+    assert rmap.numel() == 12 * 12 and int((rmap >= 0).sum()) == h * w
+    assert sorted(rmap[rmap >= 0].tolist()) == list(range(h * w))  # every token exactly once
+    x = _ln_input(images * h * w + 12, cols, images * h * w, cols, torch.bfloat16, dev)
+    wt, b = torch.rand(cols) + 0.5, torch.randn(cols) * 0.2
+    out_rows = images * rmap.numel() + 32
+    q = K.layernorm_quant_gather(x, wt.to(dev), b.to(dev), EPS, torch.tensor(inv, device=dev), cols,
+                                 rmap.to(dev), images, h * w, out_rows).cpu()
+    assert q.shape == (out_rows, cols) and q.dtype == torch.int8
+    src, valid = _gather_rows(rmap, images, h * w)
+    v = torch.nn.functional.layer_norm(x.cpu()[src].float(), (cols,), wt, b, EPS) * inv
+    _check_int8(q[: valid.numel()][valid], v[valid], exact=False)
+    assert not q[: valid.numel()][~valid].any() and not q[valid.numel():].any()
+
+
+def _window_attention_ref(qkv, table, rmap, inv, images, n, heads, hd, scale, src_rows, out_rows):
+    """float32 reference with the kernel's rounding of P to bf16 before the second product."""
+    nw = rmap.numel() // n
+    width = heads * hd
+    t = qkv[: images * nw * n, : 3 * width].float().reshape(images * nw, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    q, k, v = t.unbind(0)
+    bidx = torch.arange(images * nw) % table.shape[0]
+    s = q @ k.transpose(-1, -2) * scale + table[bidx][:, :, :n, :n].float()
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    o = (p.to(torch.bfloat16).float() @ v) / p.sum(-1, keepdim=True)
+    o = o.transpose(1, 2).reshape(images * nw * n, width)
+    src, valid = _gather_rows(rmap, images, src_rows)
+    ref = torch.full((out_rows, width), NAN)
+    ref[src[valid]] = o[valid] * inv
+    return ref
+
+
+def case_window_attention_shifted_padded(K, dev, interpreted):
+    """Shifted windows with padding (10 x 9 tokens, window 4 -> 16 tokens, shift 2) and unshifted 7x7
+    windows (49 tokens padded to 64, one shared bias): codes in each token's own row, within one code
+    of the reference where P's bf16 rounding and the sums' order can move a half-integer."""
+    from gpusq.deploy.swin import bias_table, shift_mask, window_row_map
+
+    torch.manual_seed(10)
+    for h, w, win, shift, heads, hd in ((10, 9, (4, 4), (2, 2), 2, 16), (7, 14, (7, 7), (0, 0), 3, 32)):
+        images, inv, n = 2, 12.0, win[0] * win[1]
+        bn = max(16, 1 << (n - 1).bit_length())
+        rmap = window_row_map(h, w, win, shift)
+        rel = torch.randn(heads, n, n)
+        mask = shift_mask(h, w, win, shift)
+        table = bias_table(rel, mask, bn)
+        rows = images * rmap.numel()
+        qkv = (torch.randn(rows + 5, 3 * heads * hd) * 2).to(torch.bfloat16)
+        out_rows = images * h * w + 3
+        out = torch.full((out_rows, heads * hd), 55, dtype=torch.int8)
+        scale = hd ** -0.5
+        res = K.window_attention(qkv.to(dev), table.to(dev), rmap.to(dev), torch.tensor(inv, device=dev), out.to(dev),
+                                 images=images, window_tokens=n, heads=heads, head_dim=hd, scale=scale,
+                                 src_rows=h * w).cpu()
+        ref = _window_attention_ref(qkv, table, rmap, inv, images, n, heads, hd, scale, h * w, out_rows)
+        m = images * h * w
+        diff = (res[:m].float() - _int8_ref(ref[:m])).abs()
+        # (the interpreter truncates P to bf16 where the GPU rounds it: more codes one off there)
+        limit = 0.03 if interpreted else 0.01
+        assert diff.max() <= 1 and (diff > 0).float().mean() < limit, (win, diff.max(), (diff > 0).float().mean())
+        assert (res[m:] == 55).all(), "rows outside the tokens were written"
+        if mask is not None:  # the mask matters: without it the codes change
+            plain = _window_attention_ref(qkv, bias_table(rel, None, bn), rmap, inv, images, n, heads, hd, scale,
+                                          h * w, out_rows)
+            assert (_int8_ref(plain[:m]) - res[:m].float()).abs().max() > 2
+
+
 def case_bad_arguments(K, dev, interpreted):
     """Wrong out shape / dtype, scale dtype and sizes raise ValueError (no silent garbage)."""
     x = torch.randn(8, 16, device=dev)

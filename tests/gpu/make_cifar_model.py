@@ -1,4 +1,4 @@
-"""Train a tiny DeiT on the offline CIFAR-10 jpgs (CPU, a few minutes) and compress it to INT8 2:4.
+"""Train a tiny DeiT and a tiny Swin on the offline CIFAR-10 jpgs and compress them to INT8 / INT4 2:4.
 
 Why: the GPU correctness test (tests/gpu/test_deploy_gpu.py) compares the deployed model with
 its fake-quant twin on a *trained* compressed model and real images, where it exists; random
@@ -6,6 +6,7 @@ weights hide problems (flat logits, no outliers). Output (git-ignored, carried t
 
     .carry/cifar_deit_int8/      gpusq compress output format (save_compressed)
     .carry/cifar_deit_int4/      the same 2:4 model after INT4 (W4A8) QAT
+    .carry/cifar_swin_int8/, .carry/cifar_swin_int4/   the same for a Swin (16 x 16 tokens, windows of 4)
     .carry/cifar_test.safetensors  2,000 test images (uint8 NCHW) + labels
 
 Run: python tests/gpu/make_cifar_model.py [--zip PATH] [--out .carry] [--device cuda]
@@ -27,8 +28,12 @@ import torch.nn.functional as F
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-MODEL = "deit_tiny_patch16_224"
-KWARGS = dict(img_size=32, patch_size=4, num_classes=10, depth=4)
+ARCHS = {  # name -> (timm model, kwargs)
+    "deit": ("deit_tiny_patch16_224", dict(img_size=32, patch_size=4, num_classes=10, depth=4)),
+    # shifted windows in stages 1-2 (16 x 16 and 8 x 8 tokens), head dim 32 as in Swin-T/S/B
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4, embed_dim=64,
+                                                  depths=(2, 2, 2), num_heads=(2, 4, 8), num_classes=10)),
+}
 
 
 def load_split(zf: zipfile.ZipFile, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +102,7 @@ def main() -> None:
     ap.add_argument("--zip", default="/work/shared/data/cifar10-jpeg-20k.zip")
     ap.add_argument("--out", default=".carry")
     ap.add_argument("--epochs", type=float, default=1.5)
+    ap.add_argument("--archs", default="deit,swin", help=f"comma-separated, of {', '.join(ARCHS)}")
     ap.add_argument("--device", default="cpu", help="cpu (a few minutes on an idle 2-core machine) or cuda")
     args = ap.parse_args()
     global DEVICE
@@ -107,28 +113,31 @@ def main() -> None:
         xtr, ytr = load_split(zf, "train")
         xte, yte = load_split(zf, "test")
     print(f"data {tuple(xtr.shape)} {tuple(xte.shape)} in {time.time() - t0:.0f}s", flush=True)
-    model = timm.create_model(MODEL, pretrained=False, **KWARGS).to(DEVICE)
-    train(model, xtr, ytr, args.epochs, 1e-3)
-    print(f"dense acc {accuracy(model, xte[:2000], yte[:2000]):.3f} ({time.time() - t0:.0f}s)", flush=True)
-    r = load_recipe("int8")
-    sparsify_(model, r.sparsity)
-    train(model, xtr, ytr, 0.5, 3e-4)
-    print(f"2:4 acc {accuracy(model, xte[:2000], yte[:2000]):.3f} ({time.time() - t0:.0f}s)", flush=True)
     out = Path(args.out)
-    sparse_state = copy.deepcopy(model.state_dict())
     accs = {}
-    for name in ("int8", "int4"):  # both QAT'd from the same 2:4 model
-        model.load_state_dict(sparse_state)
-        r = load_recipe(name)
-        quantize_(model, r.quant)
-        calibrate(model, lambda m: [m(normalize(xtr[i:i + 256])) for i in range(0, 1024, 256)])
-        train(model, xtr, ytr, 0.25, 5e-5)
-        accs[name] = acc = accuracy(model, xte[:2000], yte[:2000])
-        print(f"{name} 2:4 fake-quant acc {acc:.3f} ({time.time() - t0:.0f}s)", flush=True)
-        save_compressed(model.cpu(), out / f"cifar_deit_{name}", r, MODEL, KWARGS)
-        model = timm.create_model(MODEL, pretrained=False, **KWARGS)
+    for arch in args.archs.split(","):
+        model_name, kwargs = ARCHS[arch]
+        torch.manual_seed(0)
+        model = timm.create_model(model_name, pretrained=False, **kwargs).to(DEVICE)
+        train(model, xtr, ytr, args.epochs, 1e-3)
+        print(f"{arch} dense acc {accuracy(model, xte[:2000], yte[:2000]):.3f} ({time.time() - t0:.0f}s)", flush=True)
+        r = load_recipe("int8")
         sparsify_(model, r.sparsity)
-        model.to(DEVICE)
+        train(model, xtr, ytr, 0.5, 3e-4)
+        print(f"{arch} 2:4 acc {accuracy(model, xte[:2000], yte[:2000]):.3f} ({time.time() - t0:.0f}s)", flush=True)
+        sparse_state = copy.deepcopy(model.state_dict())
+        for name in ("int8", "int4"):  # both QAT'd from the same 2:4 model
+            model.load_state_dict(sparse_state)
+            r = load_recipe(name)
+            quantize_(model, r.quant)
+            calibrate(model, lambda m: [m(normalize(xtr[i:i + 256])) for i in range(0, 1024, 256)])
+            train(model, xtr, ytr, 0.25, 5e-5)
+            accs[f"{arch}_{name}"] = acc = accuracy(model, xte[:2000], yte[:2000])
+            print(f"{arch} {name} 2:4 fake-quant acc {acc:.3f} ({time.time() - t0:.0f}s)", flush=True)
+            save_compressed(model.cpu(), out / f"cifar_{arch}_{name}", r, model_name, kwargs)
+            model = timm.create_model(model_name, pretrained=False, **kwargs)
+            sparsify_(model, r.sparsity)
+            model.to(DEVICE)
     save_file({"images": xte[:2000].contiguous(), "labels": yte[:2000].contiguous()},
               str(out / "cifar_test.safetensors"),
               metadata={f"fake_quant_acc_{k}": f"{v:.4f}" for k, v in accs.items()})

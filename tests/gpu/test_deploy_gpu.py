@@ -85,14 +85,15 @@ def test_linear_int8_matches_fake_quant():
     assert out.shape == ref.shape and err < 1e-2
 
 
+@pytest.mark.parametrize("arch", ["deit", "swin"])
 @pytest.mark.parametrize("recipe", ["int8", "int4"])
-def test_deit_deployed_matches_fake_quant(recipe):
-    """The trained CIFAR-10 DeiT (tests/gpu/make_cifar_model.py) deployed on the default path (fused
-    blocks where nvmath-python is installed) against its fake-quant model on 2,000 real images."""
+def test_deployed_matches_fake_quant(recipe, arch):
+    """The trained CIFAR-10 DeiT / Swin (tests/gpu/make_cifar_model.py) deployed on the default path
+    (fused blocks where nvmath-python is installed) against its fake-quant model on 2,000 real images."""
     from gpusq.checkpoint import load_compressed
     from gpusq.deploy import cslt, deploy
 
-    trained = CARRY / f"cifar_deit_{recipe}"
+    trained = CARRY / f"cifar_{arch}_{recipe}"
     if (trained / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
@@ -103,13 +104,16 @@ def test_deit_deployed_matches_fake_quant(recipe):
         std = torch.tensor([0.2470, 0.2435, 0.2616], device="cuda").view(1, 3, 1, 1)
         x = (data["images"].cuda().float() / 255.0 - mean) / std
         labels = data["labels"].cuda()
-        what = f"trained CIFAR-10 DeiT (depth 4), {len(x)} real test images"
+        what = f"trained CIFAR-10 {arch}, {len(x)} real test images"
         dm = deploy(str(trained), batch_sizes=(500,))
     else:
-        fq, r, size = compressed_model(recipe, img_size=32, patch_size=4, num_classes=10, depth=4)
+        kw = (dict(img_size=32, patch_size=4, num_classes=10, depth=4) if arch == "deit" else
+              dict(name="swin_tiny_patch4_window7_224", img_size=32, patch_size=2, window_size=4, embed_dim=64,
+                   depths=(2, 2, 2), num_heads=(2, 4, 8), num_classes=10))
+        fq, r, size = compressed_model(recipe, **kw)
         x = torch.randn(2000, *size, device="cuda")
         labels = None
-        what = "random-init DeiT-T (depth 4) calibrated on random inputs, 2000 random inputs"
+        what = f"random-init {arch} calibrated on random inputs, 2000 random inputs"
         dm = deploy(fq, r, batch_sizes=(500,))
     errs, agrees, acc_d, acc_f, floors = [], [], 0.0, 0.0, []
     for i in range(0, len(x), 500):
@@ -125,7 +129,7 @@ def test_deit_deployed_matches_fake_quant(recipe):
     acc = (f", top-1 deployed {acc_d / len(x):.4f} vs fake-quant {acc_f / len(x):.4f}"
            if labels is not None else "")
     f_err, f_agree = max(f[0] for f in floors), sum(f[1] for f in floors) / len(floors)
-    print(f"CORRECTNESS deit {recipe} 2:4 [{what}] blocks {dm.fused}: logits rel err (max over batches) "
+    print(f"CORRECTNESS {arch} {recipe} 2:4 [{what}] blocks {dm.fused}: logits rel err (max over batches) "
           f"{err:.2e}, top-1 agreement {agree:.4f}{acc}; bf16-autocast fake-quant vs fp32: {f_err:.2e}, "
           f"{f_agree:.4f}")
     if cslt.available():
@@ -159,12 +163,17 @@ def test_swin_int8_windows_and_batch_sizes():
 
     fq, r, size = compressed_model("int8", name="swin_tiny_patch4_window7_224", img_size=112,
                                    depths=(2, 2), num_heads=(3, 6), num_classes=10)
+    from gpusq.deploy import cslt
+
     dm = deploy(fq, r, batch_sizes=(1, 5))
     for b in (1, 5):
         x = torch.randn(b, *size, device="cuda")
         err, agree = compare(fq, dm, x)
-        print(f"CORRECTNESS swin int8 2:4 batch {b} [random-init, random inputs]: rel err {err:.2e}")
+        print(f"CORRECTNESS swin int8 2:4 batch {b} [random-init, random inputs], blocks {dm.fused}: "
+              f"rel err {err:.2e}")
         assert err <= 1e-2
+    if cslt.available():
+        assert dm.fused == "fused"
 
 
 def test_bf16_sparse_layer_matches():

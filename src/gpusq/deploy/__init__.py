@@ -138,11 +138,9 @@ class DeployedModel(nn.Module):
         """Per deployed layer: kind, shape, epilogue mode and the kernel/alg chosen per row count."""
         from gpusq.deploy.cslt import SparseGemm
         from gpusq.deploy.modules import DeployedLinear
-        from gpusq.deploy.vit import FusedBlocks
-
         out = []
         for name, m in self.model.named_modules():
-            if isinstance(m, FusedBlocks):
+            if getattr(m, "gpusq_fused", False):  # FusedBlocks / FusedSwinBlocks
                 for gname, g in m.gemms().items():
                     ep = [t for t, on in (("alpha", True), ("bias", g.bias is not None), ("gelu", g.gelu),
                                           ("residual", g.residual)) if on]
@@ -235,7 +233,8 @@ def deploy(model_or_dir, recipe=None, batch_sizes=(1,), *, input_size: tuple[int
         enable_fused_attention(model)
     layers = compressed_layers(model)
     fused_status = _fuse(model, layers, fused, dev)
-    layers = {n: m for n, m in layers.items() if not n.startswith("blocks.")} if fused_status == "fused" else layers
+    inside = [n for n, m in model.named_modules() if getattr(m, "gpusq_fused", False)]
+    layers = {n: m for n, m in layers.items() if not any(n.startswith(f + ".") for f in inside)}
     new: dict[str, nn.Module] = {}
     for name, layer in layers.items():
         kind, codes, ws, s_in = layer_codes(layer)
@@ -274,11 +273,12 @@ def _fuse(model: nn.Module, layers: dict, fused, dev: torch.device) -> str:
     if fused is False:
         return "off (fused=False)"
     from gpusq.deploy import cslt
+    from gpusq.deploy.swin import fuse_swin_blocks, swin_stages
     from gpusq.deploy.vit import fuse_vit_blocks
 
     why = None if cslt.available() else "nvmath-python is not installed (pip install 'gpusq[gpu]')"
     if why is None:
-        why = fuse_vit_blocks(model, layers, dev)
+        why = fuse_swin_blocks(model, layers, dev) if swin_stages(model) else fuse_vit_blocks(model, layers, dev)
     if why is None:
         return "fused"
     if fused is True:

@@ -27,7 +27,8 @@ except ImportError:  # no triton: importable, the functions raise
     triton = None
     tl = None
 
-__all__ = ["layernorm_quant", "quantize_heads", "quantize_pad", "assemble_tokens", "HAS_TRITON"]
+__all__ = ["layernorm_quant", "layernorm_quant_gather", "window_attention", "quantize_heads", "quantize_pad",
+           "assemble_tokens", "HAS_TRITON"]
 
 HAS_TRITON = triton is not None
 
@@ -93,25 +94,35 @@ def _ln_store(out_ptr, out_off, out_row_ok, c, out_cols, xc, ok, rstd, w_ptr, b_
 
 
 @_jit
-def _layernorm_quant_kernel(x_ptr, w_ptr, b_ptr, inv_scale_ptr, out_ptr,
+def _layernorm_quant_kernel(x_ptr, w_ptr, b_ptr, inv_scale_ptr, out_ptr, map_ptr,
                             rows, cols, cols_f, out_rows, out_cols, stride_xm, stride_xc, stride_om, eps,
-                            HAS_BIAS: tl.constexpr, FP8: tl.constexpr,
+                            map_period, src_period,
+                            HAS_BIAS: tl.constexpr, FP8: tl.constexpr, HAS_MAP: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_C1: tl.constexpr, BLOCK_C2: tl.constexpr):
     """BLOCK_M whole rows per program, held in registers: one read of x, one write of the codes.
 
     A row is two power-of-two chunks, BLOCK_C1 + BLOCK_C2 >= out_cols (BLOCK_C2 may be 0): ViT
     widths are 3 * 2**k (192, 384, 768, 1536), which one power-of-two block covers with 25% idle
     lanes; the kernel is close to compute-bound on the H200, so the idle lanes would cost ~25%.
+    With HAS_MAP, output row r reads input row ``(r // map_period) * src_period + map[r % map_period]``
+    (a row gather, e.g. Swin's shifted-window order; a map entry < 0 is a zero row).
     """
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r64 = r.to(tl.int64)
     row_ok = r < rows
+    if HAS_MAP:
+        img = r // map_period
+        src = tl.load(map_ptr + (r - img * map_period), mask=row_ok, other=-1)
+        row_ok = row_ok & (src >= 0)
+        src64 = img.to(tl.int64) * src_period + src
+    else:
+        src64 = r64
     c1 = tl.arange(0, BLOCK_C1)
-    x1, ok1 = _ln_load(x_ptr, r64 * stride_xm, row_ok, c1, cols, stride_xc)
+    x1, ok1 = _ln_load(x_ptr, src64 * stride_xm, row_ok, c1, cols, stride_xc)
     total = tl.sum(x1, axis=1)
     if BLOCK_C2 > 0:
         c2 = BLOCK_C1 + tl.arange(0, BLOCK_C2)
-        x2, ok2 = _ln_load(x_ptr, r64 * stride_xm, row_ok, c2, cols, stride_xc)
+        x2, ok2 = _ln_load(x_ptr, src64 * stride_xm, row_ok, c2, cols, stride_xc)
         total += tl.sum(x2, axis=1)
     mean = tl.div_rn(total, cols_f)
     xc1 = tl.where(ok1, x1 - mean[:, None], 0.0)
@@ -181,11 +192,56 @@ def _assemble_tokens_kernel(tok_ptr, prefix_ptr, pos_ptr, out_ptr,
              mask=(r < out_rows)[:, None] & (c < out_cols)[None, :])
 
 
+@_jit
+def _window_attention_kernel(qkv_ptr, bias_ptr, map_ptr, inv_scale_ptr, out_ptr,
+                             win_per_img, bias_windows, heads, width, src_rows, stride_qm, stride_om, scale,
+                             N: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr,
+                             F32_DOT: tl.constexpr):
+    """One (window, head): softmax(q k^T * scale + bias) v over the window's N tokens (padded to BN),
+    quantized and written to the token rows the window came from (``map``), columns h*D .. h*D + D.
+
+    q, k, v are read from the qkv GEMM's output rows ``w*N + i`` (columns [3, heads, D]); the bias
+    table [bias_windows, heads, BN, BN] holds the relative-position bias plus the shift mask, with
+    -inf in the padding keys. Scores and softmax in float32, P in bf16 for the second product.
+    F32_DOT (the interpreter only: its bf16 ``tl.dot`` is wrong in Triton 3.8) multiplies the same bf16
+    values in float32.
+    """
+    w = tl.program_id(0)
+    h = tl.program_id(1)
+    i = tl.arange(0, BN)
+    d = tl.arange(0, D)
+    ok = i < N
+    row = (w.to(tl.int64) * N + i) * stride_qm
+    col = h * D + d
+    ptr = qkv_ptr + row[:, None] + col[None, :]
+    q = tl.load(ptr, mask=ok[:, None], other=0.0)
+    k = tl.load(ptr + width, mask=ok[:, None], other=0.0)
+    v = tl.load(ptr + 2 * width, mask=ok[:, None], other=0.0)
+    if F32_DOT:
+        q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k)) * scale
+    bw = w % bias_windows
+    s += tl.load(bias_ptr + ((bw * heads + h) * BN + i[:, None]) * BN + i[None, :]).to(tl.float32)
+    m = tl.max(s, axis=1)
+    p = tl.exp(s - m[:, None])
+    inv_l = 1.0 / tl.sum(p, axis=1)
+    o = tl.dot(p.to(qkv_ptr.dtype.element_ty).to(v.dtype), v) * inv_l[:, None]
+    img = w // win_per_img
+    src = tl.load(map_ptr + (w - img * win_per_img) * N + i, mask=ok, other=-1)
+    valid = ok & (src >= 0)
+    orow = img.to(tl.int64) * src_rows + src
+    qo = _quantize(o, tl.load(inv_scale_ptr), valid[:, None] & (d < D)[None, :], FP8)
+    tl.store(out_ptr + orow[:, None] * stride_om + col[None, :], qo, mask=valid[:, None] & (d < D)[None, :])
+
+
+def _interpreted() -> bool:
+    return type(_quantize_heads_kernel).__name__ == "InterpretedFunction"
+
+
 def _check_triton(*tensors: torch.Tensor) -> None:
     if triton is None:
         raise RuntimeError("gpusq.deploy.kernels needs triton (pip install triton); it is not importable here")
-    interpreted = type(_quantize_heads_kernel).__name__ == "InterpretedFunction"
-    if not interpreted and any(t.device.type != "cuda" for t in tensors):
+    if not _interpreted() and any(t.device.type != "cuda" for t in tensors):
         raise RuntimeError("gpusq.deploy.kernels runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1 "
                            "set before gpusq.deploy.kernels is imported)")
 
@@ -231,34 +287,65 @@ def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     Statistics in float32 (biased variance), as ``F.layer_norm`` in float32. One launch, one read
     of ``x`` and one write of the output: the int8/fp8 GEMM input comes straight out of the norm.
     """
-    _check_triton(x, weight, inv_scale, *([bias] if bias is not None else []))
-    fp8 = _is_fp8(out_dtype)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [Mp, Cp], got shape {tuple(x.shape)}")
     mp, cp = x.shape
     if not (0 <= rows <= mp and 1 <= cols <= cp):
         raise ValueError(f"need 0 <= rows <= {mp} and 1 <= cols <= {cp}, got rows={rows}, cols={cols}")
+    return _layernorm(x, weight, bias, eps, inv_scale, rows, cols, mp, out_dtype, out, None, 1, 0, block_m,
+                      num_warps)
+
+
+def layernorm_quant_gather(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                           inv_scale: torch.Tensor, cols: int, row_map: torch.Tensor, images: int, src_rows: int,
+                           out_rows: int, out_dtype: torch.dtype = torch.int8,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """``layernorm_quant`` with the rows gathered: output row ``i * L + j`` (image ``i`` < ``images``,
+    ``j`` < L = ``len(row_map)``) is the codes of input row ``i * src_rows + row_map[j]``, or zeros
+    where ``row_map[j] < 0``; rows from ``images * L`` to ``out_rows`` are zeros.
+
+    Swin uses it to read the token-order residual stream in (shifted, padded) window order: the
+    cyclic shift, the window partition and the padding to whole windows cost no pass of their own.
+    """
+    if x.dim() != 2 or not (1 <= cols <= x.shape[1]):
+        raise ValueError(f"x must be 2-D [M, Cp] with Cp >= cols = {cols}, got shape {tuple(x.shape)}")
+    if row_map.dtype != torch.int32 or row_map.dim() != 1 or not row_map.is_contiguous() or row_map.numel() == 0:
+        raise ValueError("row_map must be a non-empty contiguous 1-D int32 tensor")
+    period = row_map.numel()
+    if out_rows < images * period or images * src_rows > x.shape[0]:
+        raise ValueError(f"{images} images of {src_rows} rows gathered into {period} rows each do not fit "
+                         f"x [{x.shape[0]}, ...] -> [{out_rows}, ...]")
+    return _layernorm(x, weight, bias, eps, inv_scale, images * period, cols, out_rows, out_dtype, out, row_map,
+                      period, src_rows, None, None)
+
+
+def _layernorm(x, weight, bias, eps, inv_scale, rows, cols, out_rows, out_dtype, out, row_map, period, src_rows,
+               block_m, num_warps) -> torch.Tensor:
+    _check_triton(x, weight, inv_scale, *([bias] if bias is not None else []))
+    fp8 = _is_fp8(out_dtype)
+    cp = x.shape[1]
     if any(t is not None and (t.numel() != cols or not t.is_contiguous()) for t in (weight, bias)):
         raise ValueError(f"weight and bias must be contiguous with {cols} elements")
     _check_scale(inv_scale, x.device)
-    out = _output(out, mp, cp, out_dtype, x.device)
-    if mp == 0:
+    out = _output(out, out_rows, cp, out_dtype, x.device)
+    if out_rows == 0:
         return out
     block_c1, block_c2 = _row_chunks(cp)
-    if block_m is None and num_warps is None and mp >= _LN_BIG_ROWS and cp <= 1024:
+    if block_m is None and num_warps is None and out_rows >= _LN_BIG_ROWS and cp <= 1024:
         # measured on the H200 (benchmarks/speed_probe.py, 50432 x 768): 2 rows per program, one warp
-        # each: 42 us against 54 us for 8 rows / 4 warps (a copy of the same bytes: 29 us)
-        block_m, num_warps = 2, 1
+        # each: 42 us against 54 us for 8 rows / 4 warps (a copy of the same bytes: 29 us); narrower
+        # rows keep the same elements per warp (Swin: 96-wide rows, 16 per program)
+        block_m, num_warps = max(2, 1 << max(0, (1536 // cp).bit_length() - 1)), 1
     if block_m is None:  # (block_m, num_warps: tuning knobs for benchmarks/speed_probe.py)
         block_m = 1 << max(0, (_LN_ELEMS // cp).bit_length() - 1)  # largest power of 2 <= elems / cp, >= 1
-        while block_m > 1 and mp < _MIN_PROGRAMS * block_m:
+        while block_m > 1 and out_rows < _MIN_PROGRAMS * block_m:
             block_m //= 2
-    grid = (triton.cdiv(mp, block_m),)
+    grid = (triton.cdiv(out_rows, block_m),)
     _layernorm_quant_kernel[grid](
-        x, weight, bias if bias is not None else weight, inv_scale, out,
-        rows, cols, float(cols), mp, cp, x.stride(0), x.stride(1), out.stride(0), eps,
-        HAS_BIAS=bias is not None, FP8=fp8, BLOCK_M=block_m, BLOCK_C1=block_c1, BLOCK_C2=block_c2,
-        num_warps=num_warps or (4 if cp <= 8192 else 8 if cp <= 16384 else 16))  # wide rows: still in registers
+        x, weight, bias if bias is not None else weight, inv_scale, out, row_map if row_map is not None else inv_scale,
+        rows, cols, float(cols), out_rows, cp, x.stride(0), x.stride(1), out.stride(0), eps, period, src_rows,
+        HAS_BIAS=bias is not None, FP8=fp8, HAS_MAP=row_map is not None, BLOCK_M=block_m, BLOCK_C1=block_c1,
+        BLOCK_C2=block_c2, num_warps=num_warps or (4 if cp <= 8192 else 8 if cp <= 16384 else 16))
     return out
 
 
@@ -332,4 +419,53 @@ def assemble_tokens(tokens: torch.Tensor, prefix: torch.Tensor | None, pos: torc
     _assemble_tokens_kernel[grid](
         tokens, prefix if prefix is not None else pos, pos, out, max(n_tok, 1), n_prefix, bsz, c, rows_out, cols_out,
         tokens.stride(0), tokens.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+    return out
+
+
+def window_attention(qkv: torch.Tensor, bias: torch.Tensor, row_map: torch.Tensor, inv_scale: torch.Tensor,
+                     out: torch.Tensor, *, images: int, window_tokens: int, heads: int, head_dim: int, scale: float,
+                     src_rows: int) -> torch.Tensor:
+    """Swin's (shifted-)window attention on the qkv GEMM's output, written as the proj GEMM's codes.
+
+    ``qkv`` [>= images * L, >= 3 * heads * head_dim] (bf16, rows in window order: window ``w`` is rows
+    ``w*N .. w*N + N``, N = ``window_tokens``, L = ``len(row_map)`` = windows per image * N); ``bias``
+    [windows per image (or 1: shared), heads, BN, BN] (BN = N rounded up to a power of two >= 16): the
+    relative-position bias plus the shift mask, -inf in padding keys; ``row_map``: the token each
+    window row came from (< 0: padding); ``out`` [>= images * src_rows, >= heads * head_dim] int8/fp8:
+    row ``image * src_rows + row_map[j]`` gets that token's attention output quantized with
+    ``inv_scale``; rows the map never names are not written. Replaces timm's window partition and
+    reverse, cyclic shifts, two batched matmuls, softmax, head merge and quantization: one read of
+    q/k/v, one write of the codes.
+    """
+    _check_triton(qkv, bias, row_map, inv_scale, out)
+    fp8 = _is_fp8(out.dtype)
+    _check_scale(inv_scale, qkv.device)
+    n, period = window_tokens, row_map.numel()
+    if row_map.dtype != torch.int32 or row_map.dim() != 1 or not row_map.is_contiguous():
+        raise ValueError("row_map must be a contiguous 1-D int32 tensor")
+    if n <= 0 or period % n:
+        raise ValueError(f"row_map ({period} rows) is not a whole number of {n}-token windows")
+    win_per_img = period // n
+    if (bias.dim() != 4 or bias.shape[0] not in (1, win_per_img) or bias.shape[1] != heads
+            or bias.shape[2] != bias.shape[3] or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous [1 or {win_per_img}, {heads}, BN, BN] tensor, "
+                         f"got {tuple(bias.shape)}")
+    bn = bias.shape[2]
+    if bn < max(16, n) or bn & (bn - 1) or head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"window of {n} tokens padded to {bn}, head_dim {head_dim}: need BN a power of two >= "
+                         "max(16, N) and head_dim a power of two >= 16")
+    width = heads * head_dim
+    if qkv.shape[0] < images * period or qkv.shape[1] < 3 * width or qkv.stride(1) != 1:
+        raise ValueError(f"qkv must be [>= {images * period}, >= {3 * width}] with unit column stride, "
+                         f"got {tuple(qkv.shape)}")
+    if out.shape[0] < images * src_rows or out.shape[1] < width or out.stride(1) != 1:
+        raise ValueError(f"out must be [>= {images * src_rows}, >= {width}] with unit column stride, "
+                         f"got {tuple(out.shape)}")
+    grid = (images * win_per_img, heads)
+    if grid[0] == 0:
+        return out
+    _window_attention_kernel[grid](
+        qkv, bias, row_map, inv_scale, out, win_per_img, bias.shape[0], heads, width, src_rows,
+        qkv.stride(0), out.stride(0), float(scale), N=n, BN=bn, D=head_dim, FP8=fp8, F32_DOT=_interpreted(),
+        num_warps=4)
     return out

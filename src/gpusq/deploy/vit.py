@@ -28,39 +28,30 @@ from torch import nn
 
 from gpusq.deploy import cusparselt as cs
 
+GEMMS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
 
 def _is_identity(m) -> bool:
     return m is None or isinstance(m, (nn.Identity, nn.Dropout))
 
 
-def why_not_fusable(block: nn.Module, compressed: dict[str, nn.Module], prefix: str) -> str | None:
-    """``None`` if ``block`` is a plain timm ViT ``Block`` whose four Linears are INT8 2:4 layers,
-    else the reason it is not (the model then runs on the per-layer path)."""
+def why_not_gemm_block(block: nn.Module, compressed: dict[str, nn.Module], prefix: str) -> str | None:
+    """What every fused block needs (ViT and Swin alike): affine LayerNorms ``norm1``/``norm2``, a plain
+    erf-GELU ``mlp``, and ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` compressed to a format with
+    a fused kernel; ``None`` or the reason."""
     from gpusq.layers import CompressedLayer
 
-    need = ("norm1", "attn", "norm2", "mlp")
-    if any(not hasattr(block, a) for a in need) or type(block).__name__ != "Block":
-        return f"{prefix} is a {type(block).__name__}, not a timm ViT Block"
-    attn, mlp = block.attn, block.mlp
     for ln in (block.norm1, block.norm2):
         if not isinstance(ln, nn.LayerNorm) or ln.weight is None:
             return f"{prefix}: norms are not affine LayerNorms"
-    if not all(hasattr(attn, a) for a in ("qkv", "proj", "num_heads", "head_dim", "scale")):
-        return f"{prefix}.attn is not timm's Attention"
-    if not (_is_identity(getattr(attn, "q_norm", None)) and _is_identity(getattr(attn, "k_norm", None))
-            and _is_identity(getattr(attn, "norm", None)) and getattr(attn, "gate", None) is None):
-        return f"{prefix}.attn has q/k norms, a scale norm or a gate"
+    mlp = block.mlp
     if not all(hasattr(mlp, a) for a in ("fc1", "act", "fc2")) or not _is_identity(getattr(mlp, "norm", None)):
         return f"{prefix}.mlp is not a plain Mlp"
     if not (isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none"):
         return f"{prefix}.mlp activation is {mlp.act}, not erf GELU"
-    for part in ("ls1", "ls2"):
-        ls = getattr(block, part, None)
-        if not (_is_identity(ls) or hasattr(ls, "gamma")):
-            return f"{prefix}.{part} is neither Identity nor LayerScale"
     from gpusq.deploy import layer_codes
 
-    for rel in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+    for rel in GEMMS:
         layer = compressed.get(f"{prefix}.{rel}")
         if not isinstance(layer, CompressedLayer):
             return f"{prefix}.{rel} is not compressed"
@@ -75,6 +66,25 @@ def why_not_fusable(block: nn.Module, compressed: dict[str, nn.Module], prefix: 
     return None
 
 
+def why_not_fusable(block: nn.Module, compressed: dict[str, nn.Module], prefix: str) -> str | None:
+    """``None`` if ``block`` is a plain timm ViT ``Block`` whose four Linears are INT8 2:4 layers,
+    else the reason it is not (the model then runs on the per-layer path)."""
+    need = ("norm1", "attn", "norm2", "mlp")
+    if any(not hasattr(block, a) for a in need) or type(block).__name__ != "Block":
+        return f"{prefix} is a {type(block).__name__}, not a timm ViT Block"
+    attn = block.attn
+    if not all(hasattr(attn, a) for a in ("qkv", "proj", "num_heads", "head_dim", "scale")):
+        return f"{prefix}.attn is not timm's Attention"
+    if not (_is_identity(getattr(attn, "q_norm", None)) and _is_identity(getattr(attn, "k_norm", None))
+            and _is_identity(getattr(attn, "norm", None)) and getattr(attn, "gate", None) is None):
+        return f"{prefix}.attn has q/k norms, a scale norm or a gate"
+    for part in ("ls1", "ls2"):
+        ls = getattr(block, part, None)
+        if not (_is_identity(ls) or hasattr(ls, "gamma")):
+            return f"{prefix}.{part} is neither Identity nor LayerScale"
+    return why_not_gemm_block(block, compressed, prefix)
+
+
 def block_backend(block: nn.Module, compressed: dict[str, nn.Module], prefix: str) -> str:
     """``int8`` (2:4 on cuSPARSELt) or ``fp8`` (dense on cuBLASLt) for a block ``why_not_fusable`` accepted."""
     from gpusq.deploy import layer_codes
@@ -86,21 +96,20 @@ def _gamma(ls) -> torch.Tensor | None:
     return ls.gamma.detach().float() if hasattr(ls, "gamma") else None
 
 
-class FusedBlock(nn.Module):
-    """One ViT block on the eight kernels listed in the module docstring."""
+class GemmBlock(nn.Module):
+    """The four GEMMs of a transformer block (qkv, proj + residual, fc1 + GELU -> codes, fc2 + residual)
+    on the fused kernels of ``backend``, its two LayerNorms and the input scales: what the ViT and the
+    Swin fused blocks share. ``gamma1``/``gamma2`` (LayerScale) fold into proj's / fc2's alpha and bias."""
 
     def __init__(self, block: nn.Module, compressed: dict[str, nn.Module], prefix: str, device: torch.device,
-                 backend: str = "int8"):
+                 backend: str = "int8", gamma1: torch.Tensor | None = None, gamma2: torch.Tensor | None = None):
         super().__init__()
         from gpusq.deploy import layer_codes
 
-        attn = block.attn
         self.backend = backend
         self.act_dtype = torch.int8 if backend == "int8" else torch.float8_e4m3fn
-        self.heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, float(attn.scale)
         self.dim = block.norm1.weight.shape[0]
-        codes = {rel: layer_codes(compressed[f"{prefix}.{rel}"])
-                 for rel in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+        codes = {rel: layer_codes(compressed[f"{prefix}.{rel}"]) for rel in GEMMS}
 
         def lin(rel):
             return compressed[f"{prefix}.{rel}"]
@@ -120,7 +129,6 @@ class FusedBlock(nn.Module):
         def inv_in(rel):
             return (1.0 / codes[rel][3].float()).reshape(()).to(device)
 
-        g1, g2 = _gamma(getattr(block, "ls1", None)), _gamma(getattr(block, "ls2", None))
         s_fc2 = float(codes["mlp.fc2"][3])
 
         def gemm(rel, gamma=None, **kw):
@@ -142,9 +150,9 @@ class FusedBlock(nn.Module):
             return DenseFp8Gemm(w, bias(rel, gamma), float(s_in), device=device, **kw)
 
         self.qkv = gemm("attn.qkv")
-        self.proj = gemm("attn.proj", g1, residual=True)
+        self.proj = gemm("attn.proj", gamma1, residual=True)
         self.fc1 = gemm("mlp.fc1", act_out=True)
-        self.fc2 = gemm("mlp.fc2", g2, residual=True)
+        self.fc2 = gemm("mlp.fc2", gamma2, residual=True)
         # plain float32 attributes, not buffers: deploy() casts the model to bf16 afterwards
         for i, ln in ((1, block.norm1), (2, block.norm2)):
             setattr(self, f"ln{i}_w", ln.weight.detach().float().to(device))
@@ -152,11 +160,30 @@ class FusedBlock(nn.Module):
                                        else torch.zeros_like(ln.weight).float()).to(device))
             setattr(self, f"ln{i}_eps", float(ln.eps))
         self.inv_s_qkv, self.inv_s_proj, self.inv_s_fc1 = inv_in("attn.qkv"), inv_in("attn.proj"), inv_in("mlp.fc1")
-        if self.qkv.np_ != cs.round_up(3 * self.heads * self.head_dim) or self.proj.np_ != cs.round_up(self.dim):
-            raise ValueError(f"{prefix}: unexpected qkv/proj widths")
+
+    def mlp(self, xr: torch.Tensor, rows: int) -> torch.Tensor:
+        """``xr + fc2(GELU(fc1(LN2(xr))))`` on the padded residual stream (3 kernels)."""
+        from gpusq.deploy.kernels import layernorm_quant
+
+        h = layernorm_quant(xr, self.ln2_w, self.ln2_b, self.ln2_eps, self.inv_s_fc1, rows, self.dim,
+                            out_dtype=self.act_dtype)
+        return self.fc2(self.fc1(h), xr)
 
     def gemms(self) -> dict[str, object]:
         return {"qkv": self.qkv, "proj": self.proj, "fc1": self.fc1, "fc2": self.fc2}
+
+
+class FusedBlock(GemmBlock):
+    """One ViT block on the eight kernels listed in the module docstring."""
+
+    def __init__(self, block: nn.Module, compressed: dict[str, nn.Module], prefix: str, device: torch.device,
+                 backend: str = "int8"):
+        super().__init__(block, compressed, prefix, device, backend, _gamma(getattr(block, "ls1", None)),
+                         _gamma(getattr(block, "ls2", None)))
+        attn = block.attn
+        self.heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, float(attn.scale)
+        if self.qkv.np_ != cs.round_up(3 * self.heads * self.head_dim) or self.proj.np_ != cs.round_up(self.dim):
+            raise ValueError(f"{prefix}: unexpected qkv/proj widths")
 
     def forward(self, xr: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
         from gpusq.deploy.kernels import layernorm_quant, quantize_heads
@@ -170,10 +197,7 @@ class FusedBlock(nn.Module):
         q, k, v = qkv[:m, :width].reshape(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         a = quantize_heads(o, self.inv_s_proj, mp, self.proj.kp, out_dtype=dt)
-        xr = self.proj(a, xr)
-        h = layernorm_quant(xr, self.ln2_w, self.ln2_b, self.ln2_eps, self.inv_s_fc1, m, c, out_dtype=dt)
-        h = self.fc1(h)
-        return self.fc2(h, xr)
+        return self.mlp(self.proj(a, xr), m)
 
 
 class FusedBlocks(nn.Module):
