@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one script sent to the GPU machine (H200): install, GPU tests, benchmarks; logs to $OUT.
-#   bash benchmarks/gpu_run.sh STAGE...   stages: probe cifar fusedcheck tests deit_b deit_ts small deit_b_model fp8
+#   bash benchmarks/gpu_run.sh STAGE...   stages: probe cifar kcases fusedcheck swincheck tests deit_b deit_ts small
+#                                         deit_b_model fp8 swin_t swin_sb tasks
 # Carry .whl (nvmath-python wheel) and .carry (cifar10-jpeg-20k.zip copied from ../shared/data).
 # Searched cuSPARSELt algorithm ids persist across calls via .carry/cslt_algs.json (carried).
 set -uo pipefail
@@ -43,6 +44,28 @@ PY
     fusedcheck)  # each fused kernel against its reference, quick (before the whole suite)
       timeout ${T_FC:-240} python3 -m pytest -m gpu tests/gpu/test_fused_gpu.py -q -s -p no:cacheprovider 2>&1 \
         | tee "$OUT/fusedcheck.txt" | grep -E "CORRECTNESS|passed|failed|Error|error|assert" | tee -a "$LOG"
+      ;;
+    kcases)  # the Triton kernels' interpreter cases, compiled
+      timeout 300 python3 tests/test_kernels_interpret.py --worker --device cuda 2>&1 | grep -v "^RESULTS" | tee -a "$LOG"
+      ;;
+    swincheck)  # the Swin deploy tests only (random-init and trained CIFAR Swin)
+      timeout ${T_SC:-300} python3 -m pytest -m gpu tests/gpu/test_deploy_gpu.py -k swin -q -s -p no:cacheprovider 2>&1 \
+        | tee "$OUT/swincheck.txt" | grep -E "CORRECTNESS|passed|failed|Error|error|assert" | tee -a "$LOG"
+      ;;
+    swin_t)
+      timeout ${T_SWINT:-500} gpusq bench --model swin_tiny_patch4_window7_224 --recipe int8 --batch 1,256 --profile \
+        ${SWIN_VARIANTS:+--variants $SWIN_VARIANTS} --json "$OUT/swin_t.json" 2>&1 | tee -a "$LOG"
+      ;;
+    swin_sb)
+      timeout ${T_SWINSB:-500} gpusq bench --model swin_small_patch4_window7_224,swin_base_patch4_window7_224 \
+        --recipe int8 --batch 1,256 --variants bf16-compile,fp8-dense,gpusq --profile --json "$OUT/swin_sb.json" 2>&1 \
+        | tee -a "$LOG"
+      ;;
+    tasks)
+      timeout ${T_TASKS:-500} gpusq bench --model maskrcnn_swin_t --batch 1,8 --variants bf16-compile,fp8-dense,gpusq \
+        --json "$OUT/tasks_maskrcnn.json" 2>&1 | tee -a "$LOG"
+      timeout ${T_TASKS:-500} gpusq bench --model upernet_swin_t --batch 8 --variants bf16-compile,fp8-dense,gpusq \
+        --json "$OUT/tasks_upernet.json" 2>&1 | tee -a "$LOG"
       ;;
     tests)
       timeout ${T_TESTS:-400} python3 -m pytest -m gpu tests/gpu ${PYTEST_X--x} -q -s -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | grep -E "CORRECTNESS|passed|failed|Error|error" | tee -a "$LOG"
