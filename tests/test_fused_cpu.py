@@ -288,4 +288,111 @@ def test_fused_swin_refuses_what_it_cannot_run():
     fm, why = _fused_swin(model)
     assert "head dim 8" in why and not hasattr(fm.layers[0].blocks, "gpusq_fused")
     deit, _ = _compressed(**TINY)
-    assert _fused_swin(deit)[1] == "the model has no timm Swin stages"
+    assert _fused_swin(deit)[1] == "the model has no timm or Hugging Face Swin stages"
+
+
+def _hf_swin(recipe="int8"):
+    """A tiny Hugging Face SwinModel (10 x 10 tokens, windows of 4, padded and shifted), compressed."""
+    from transformers import SwinConfig, SwinModel
+
+    from gpusq.quant import calibrate, quantize_
+    from gpusq.recipes import load_recipe
+    from gpusq.sparsity import sparsify_
+
+    torch.manual_seed(0)
+    cfg = SwinConfig(image_size=40, patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=4)
+    m = SwinModel(cfg).eval()
+    r = load_recipe(recipe)
+    sparsify_(m, r.sparsity)
+    quantize_(m, r.quant)
+    calib = torch.randn(8, 3, 40, 40)
+    calibrate(m, lambda mm: mm(pixel_values=calib))
+    return m.eval()
+
+
+def test_fused_hf_swin_matches_fake_quant(reference_kernels):
+    """transformers' Swin (separate q/k/v Linears, concatenated into one qkv GEMM) on the same fused blocks."""
+    from gpusq.deploy.swin import FusedHFSwinBlocks
+
+    model = _hf_swin()
+    fm, why = _fused_swin(model)
+    assert why is None
+    assert all(isinstance(st.blocks[0], FusedHFSwinBlocks) for st in fm.encoder.layers)
+    for b in (1, 3):
+        x = torch.randn(b, 3, 40, 40)
+        with torch.no_grad():
+            ref = model(pixel_values=x).last_hidden_state
+            out = fm(pixel_values=x).last_hidden_state
+        assert _rel(out, ref) < 3e-2, (b, _rel(out, ref))
+
+
+@pytest.mark.parametrize("hw", [(10, 9), (5, 5), (8, 8)])
+def test_window_row_map_is_hugging_faces(hw):
+    """Hugging Face pads before the cyclic shift (timm shifts first): the map with ``pad_first`` is
+    SwinLayer's own maybe_pad -> cyclic_shift -> window_partition of the token ids."""
+    from transformers import SwinConfig
+    from transformers.models.swin import modeling_swin as ms
+
+    from gpusq.deploy.swin import window_row_map
+
+    layer = ms.SwinLayer(SwinConfig(window_size=4), dim=8, input_resolution=hw, num_heads=1, shift_size=2)
+    if not hasattr(layer, "cyclic_shift"):
+        pytest.skip("this transformers version's SwinLayer has no cyclic_shift method")
+    h, w = hw
+    ids = torch.arange(h * w, dtype=torch.float32).view(1, h, w, 1) + 1  # 0 = padding
+    x, _ = layer.maybe_pad(ids, h, w)
+    want = ms.window_partition(layer.cyclic_shift(x), 4).reshape(-1) - 1
+    assert torch.equal(window_row_map(h, w, (4, 4), (2, 2), pad_first=True).float(), want)
+    if (h, w) == (10, 9):
+        assert not torch.equal(window_row_map(h, w, (4, 4), (2, 2)).float(), want)
+
+
+def test_fused_hf_swin_needs_one_input_scale():
+    """q, k and v share one INT8 input: different learned input scales cannot be fused (and say so)."""
+    from gpusq.deploy.swin import hf_layout
+
+    model = _hf_swin()
+    blk = model.encoder.layers[0].blocks[0]
+    k = _get_path(blk, hf_layout(blk)["k"])
+    k.input_quant.scale.data.mul_(1.5)  # as after QAT with learnable activation scales
+    fm, why = _fused_swin(model)
+    assert "different scales" in why
+
+
+def _get_path(mod, path):
+    for p in path.split("."):
+        mod = getattr(mod, p)
+    return mod
+
+
+@pytest.mark.parametrize("name", ["maskrcnn_swin_test", "upernet_swin_test"])
+def test_fused_task_backbones_match(reference_kernels, name):
+    """The Swin inside Mask R-CNN (timm, features_only, 64 x 96 images: padded windows) and inside UPerNet
+    (transformers) runs on the fused blocks and gives the fake-quant backbone's feature maps."""
+    from gpusq.quant import calibrate, quantize_
+    from gpusq.recipes import load_recipe
+    from gpusq.sparsity import SparsityConfig, sparsify_
+    from gpusq.tasks.models import create_detection_model, create_segmentation_model
+
+    torch.manual_seed(0)
+    if name.startswith("maskrcnn"):
+        body = create_detection_model(name, img_size=(64, 96), min_size=64, max_size=96).eval().backbone.body
+        x = torch.randn(2, 3, 64, 96)
+
+        def feats(m):
+            return list(m(x))
+    else:
+        body = create_segmentation_model(name).eval().backbone
+        x = torch.randn(2, 3, 64, 64)
+
+        def feats(m):
+            return list(m(x).feature_maps)
+    r = load_recipe("int8")
+    sparsify_(body, SparsityConfig(include=[r"(^|\.)blocks\.\d+\."]))
+    quantize_(body, r.quant)
+    calibrate(body, lambda m: m(x))
+    fm, why = _fused_swin(body)
+    assert why is None
+    with torch.no_grad():
+        ref, out = feats(body), feats(fm)
+    assert len(ref) == 4 and all(_rel(o, f) < 3e-2 for o, f in zip(out, ref)), [_rel(o, f) for o, f in zip(out, ref)]

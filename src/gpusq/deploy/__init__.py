@@ -233,8 +233,7 @@ def deploy(model_or_dir, recipe=None, batch_sizes=(1,), *, input_size: tuple[int
         enable_fused_attention(model)
     layers = compressed_layers(model)
     fused_status = _fuse(model, layers, fused, dev)
-    inside = [n for n, m in model.named_modules() if getattr(m, "gpusq_fused", False)]
-    layers = {n: m for n, m in layers.items() if not any(n.startswith(f + ".") for f in inside)}
+    layers = {n: m for n, m in layers.items() if _resolves(model, n, m)}  # those the fused blocks took are gone
     new: dict[str, nn.Module] = {}
     for name, layer in layers.items():
         kind, codes, ws, s_in = layer_codes(layer)
@@ -263,6 +262,13 @@ def deploy(model_or_dir, recipe=None, batch_sizes=(1,), *, input_size: tuple[int
     for b in batch_sizes:
         out.prepare(int(b))
     return out
+
+
+def _resolves(model: nn.Module, name: str, module: nn.Module) -> bool:
+    try:
+        return model.get_submodule(name) is module
+    except AttributeError:
+        return False
 
 
 def _fuse(model: nn.Module, layers: dict, fused, dev: torch.device) -> str:

@@ -28,19 +28,28 @@ import torch
 from torch import nn
 
 from gpusq.deploy import cusparselt as cs
-from gpusq.deploy.vit import FusedBlocks, GemmBlock, why_not_gemm_block
+from gpusq.deploy.vit import FusedBlocks, GemmBlock, gemm_specs, timm_specs, why_not_gemm_block, why_not_gemm_layers
 
 NEG_MASK = -100.0  # timm's value for keys outside a shifted window's region
 
 
-def window_row_map(h: int, w: int, window: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
+def window_row_map(h: int, w: int, window: tuple[int, int], shift: tuple[int, int],
+                   pad_first: bool = False) -> torch.Tensor:
     """int32 [windows * wh*ww]: for each row of one image in (shifted, padded) window order, the token
-    (``y * w + x``) it holds, or -1 for padding: timm's roll(-shift) -> pad -> window_partition."""
+    (``y * w + x``) it holds, or -1 for padding: timm's roll(-shift) -> pad -> window_partition, or with
+    ``pad_first`` Hugging Face's pad -> roll(-shift) -> window_partition (the two differ when the map is
+    padded)."""
     wh, ww = window
     hp, wp = math.ceil(h / wh) * wh, math.ceil(w / ww) * ww
     ys, xs = torch.arange(hp), torch.arange(wp)
-    src = ((ys + shift[0]) % h)[:, None] * w + ((xs + shift[1]) % w)[None, :]
-    src = torch.where((ys < h)[:, None] & (xs < w)[None, :], src, torch.full_like(src, -1))
+    if pad_first:
+        sy, sx = (ys + shift[0]) % hp, (xs + shift[1]) % wp
+        ok = (sy < h)[:, None] & (sx < w)[None, :]
+    else:
+        sy, sx = (ys + shift[0]) % h, (xs + shift[1]) % w
+        ok = (ys < h)[:, None] & (xs < w)[None, :]
+    src = sy[:, None] * w + sx[None, :]
+    src = torch.where(ok, src, torch.full_like(src, -1))
     return src.view(hp // wh, wh, wp // ww, ww).permute(0, 2, 1, 3).reshape(-1).to(torch.int32)
 
 
@@ -72,8 +81,9 @@ def bias_table(rel_bias: torch.Tensor, mask: torch.Tensor | None, bn: int) -> to
 
 
 def _rel_pos_bias(attn: nn.Module) -> torch.Tensor:
-    """[heads, N, N] float32 relative-position bias of a timm ``WindowAttention``."""
-    n = attn.relative_position_index.shape[0]
+    """[heads, N, N] float32 relative-position bias of a timm ``WindowAttention`` (or of the module that
+    holds Hugging Face's table and index)."""
+    n = math.isqrt(attn.relative_position_index.numel())
     table = attn.relative_position_bias_table.detach().float()
     return table[attn.relative_position_index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1).contiguous()
 
@@ -93,37 +103,132 @@ def why_not_swin_block(block: nn.Module, compressed: dict[str, nn.Module], prefi
     return why_not_gemm_block(block, compressed, prefix)
 
 
-class FusedSwinBlock(GemmBlock):
-    """One Swin block on the seven kernels of the module docstring."""
+# Hugging Face ``SwinLayer`` module paths, newest transformers first (the layout changed in 5.x).
+HF_LAYOUTS = (
+    dict(q="attention.q_proj", k="attention.k_proj", v="attention.v_proj", proj="attention.o_proj",
+         fc1="mlp.fc1", fc2="mlp.fc2", act="mlp.activation_fn", rel="attention.relative_position_bias",
+         heads="attention"),
+    dict(q="attention.self.query", k="attention.self.key", v="attention.self.value", proj="attention.output.dense",
+         fc1="intermediate.dense", fc2="output.dense", act="intermediate.intermediate_act_fn",
+         rel="attention.self", heads="attention.self"),
+)
 
-    def __init__(self, block: nn.Module, compressed: dict[str, nn.Module], prefix: str, device: torch.device,
-                 backend: str = "int8"):
-        super().__init__(block, compressed, prefix, device, backend)
-        attn = block.attn
-        self.heads = attn.num_heads
-        self.head_dim = attn.qkv.out_features // 3 // self.heads
-        self.scale = float(attn.scale)
-        self.window, self.shift = tuple(block.window_size), tuple(block.shift_size)
-        self.n = self.window[0] * self.window[1]
-        self.bn = max(16, 1 << (self.n - 1).bit_length())
-        self.rel_bias = _rel_pos_bias(attn).to(device)  # plain attribute: stays float32 through deploy()
-        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+def _get(mod: nn.Module, path: str):
+    for part in path.split("."):
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod
+
+
+def hf_layout(layer: nn.Module) -> dict[str, str] | None:
+    """The ``HF_LAYOUTS`` entry whose module paths all exist in ``layer``, or None."""
+    for lay in HF_LAYOUTS:
+        if all(_get(layer, path) is not None for path in lay.values()):
+            return lay
+    return None
+
+
+def _erf_gelu(act) -> bool:
+    if isinstance(act, nn.GELU):
+        return act.approximate == "none"
+    # transformers' GELUActivation is F.gelu (erf) unless it was built with use_gelu_python
+    return type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is nn.functional.gelu
+
+
+def why_not_hf_layer(layer: nn.Module, compressed: dict[str, nn.Module], prefix: str) -> str | None:
+    """``None`` if a Hugging Face ``SwinLayer`` runs exactly on the fused path, else why not."""
+    lay = hf_layout(layer)
+    if lay is None or not all(hasattr(layer, a) for a in ("layernorm_before", "layernorm_after", "window_size",
+                                                          "shift_size")):
+        return f"{prefix}: a SwinLayer of an unknown transformers layout"
+    for ln in (layer.layernorm_before, layer.layernorm_after):
+        if not isinstance(ln, nn.LayerNorm) or ln.weight is None:
+            return f"{prefix}: norms are not affine LayerNorms"
+    if not _erf_gelu(_get(layer, lay["act"])):
+        return f"{prefix}: the MLP activation is not erf GELU"
+    heads = _get(layer, lay["heads"]).num_attention_heads
+    head_dim = _get(layer, lay["q"]).out_features // heads
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"{prefix}: head dim {head_dim} is not a power of two >= 16 (the window-attention kernel's tiles)"
+    names = [f"{prefix}.{lay[k]}" for k in ("q", "k", "v", "proj", "fc1", "fc2")]
+    why = why_not_gemm_layers(compressed, names)
+    if why is not None:
+        return why
+    from gpusq.deploy import layer_codes
+
+    scales = [layer_codes(compressed[n])[3].float() for n in names[:3]]
+    if not all(torch.equal(scales[0], t) for t in scales[1:]):
+        return (f"{prefix}: query, key and value quantize their shared input with different scales "
+                "(one INT8 input cannot serve all three)")
+    return None
+
+
+class FusedSwinBlock(GemmBlock):
+    """One Swin block on the seven kernels of the module docstring (``from_timm`` / ``from_hf``)."""
+
+    def __init__(self, norm1: nn.LayerNorm, norm2: nn.LayerNorm, specs: dict, prefix: str, device: torch.device,
+                 backend: str, *, heads: int, scale: float, window: tuple[int, int], shift: tuple[int, int],
+                 rel_bias: torch.Tensor, hf_order: bool = False):
+        super().__init__(norm1, norm2, specs, prefix, device, backend)
+        self.prefix = prefix
+        self.heads = heads
+        self.head_dim = specs["qkv"][0].shape[0] // 3 // heads
+        self.scale = float(scale)
+        # hf_order (Hugging Face's SwinLayer): a window larger than the feature map shrinks to it,
+        # unshifted; and the map is padded before the shift
+        self.window, self.shift, self.hf_order = tuple(window), tuple(shift), hf_order
+        self.rel_bias = rel_bias.float().to(device)  # plain attribute: stays float32 through deploy()
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
         if self.qkv.np_ != cs.round_up(3 * self.heads * self.head_dim) or self.proj.kp != cs.round_up(self.dim):
             raise ValueError(f"{prefix}: unexpected qkv/proj widths")
 
-    def tables(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row map, bias table) for an h x w input, built once per size (outside any CUDA graph)."""
-        key = (h, w, str(device))
+    @classmethod
+    def from_timm(cls, block: nn.Module, compressed: dict, prefix: str, device: torch.device, backend: str):
+        attn = block.attn
+        return cls(block.norm1, block.norm2, timm_specs(compressed, prefix), prefix, device, backend,
+                   heads=attn.num_heads, scale=attn.scale, window=block.window_size, shift=block.shift_size,
+                   rel_bias=_rel_pos_bias(attn))
+
+    @classmethod
+    def from_hf(cls, layer: nn.Module, compressed: dict, prefix: str, device: torch.device, backend: str):
+        lay = hf_layout(layer)
+        heads = _get(layer, lay["heads"]).num_attention_heads
+        specs = gemm_specs(compressed, {"qkv": tuple(f"{prefix}.{lay[k]}" for k in "qkv"),
+                                        "proj": f"{prefix}.{lay['proj']}", "fc1": f"{prefix}.{lay['fc1']}",
+                                        "fc2": f"{prefix}.{lay['fc2']}"})
+        head_dim = specs["qkv"][0].shape[0] // 3 // heads
+        ws, sh = int(layer.window_size), int(layer.shift_size)
+        return cls(layer.layernorm_before, layer.layernorm_after, specs, prefix, device, backend, heads=heads,
+                   scale=head_dim ** -0.5, window=(ws, ws), shift=(sh, sh),
+                   rel_bias=_rel_pos_bias(_get(layer, lay["rel"])), hf_order=True)
+
+    def tables(self, h: int, w: int, device: torch.device,
+               always_partition: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(row map, bias table, tokens per window) for an h x w input, built once per size (outside any
+        CUDA graph). ``always_partition``: Hugging Face's flag (its backbones set it) to keep the window and
+        shift on a feature map no larger than the window."""
+        key = (h, w, str(device), always_partition)
         if key not in self._tables:
-            mask = shift_mask(h, w, self.window, self.shift)
-            table = bias_table(self.rel_bias.to(device), None if mask is None else mask.to(device), self.bn)
-            self._tables[key] = (window_row_map(h, w, self.window, self.shift).to(device), table)
+            window, shift = self.window, self.shift
+            if self.hf_order and not always_partition and min(h, w) <= window[0]:
+                window, shift = (min(h, w),) * 2, (0, 0)
+            n = window[0] * window[1]
+            if n != self.rel_bias.shape[-1]:
+                raise ValueError(f"{self.prefix}: a {h}x{w} input shrinks the {self.window} window to {window}, "
+                                 "which its relative-position bias does not cover")
+            mask = shift_mask(h, w, window, shift)
+            bn = max(16, 1 << (n - 1).bit_length())
+            table = bias_table(self.rel_bias.to(device), None if mask is None else mask.to(device), bn)
+            rmap = window_row_map(h, w, window, shift, pad_first=self.hf_order)  # HF pads, then shifts
+            self._tables[key] = (rmap.to(device), table, n)
         return self._tables[key]
 
-    def forward(self, xr: torch.Tensor, batch: int, h: int, w: int) -> torch.Tensor:
+    def forward(self, xr: torch.Tensor, batch: int, h: int, w: int, always_partition: bool = False) -> torch.Tensor:
         from gpusq.deploy.kernels import layernorm_quant_gather, window_attention
 
-        rmap, table = self.tables(h, w, xr.device)
+        rmap, table, n = self.tables(h, w, xr.device, always_partition)
         dt = self.act_dtype
         rows_win = cs.round_up(batch * rmap.numel())
         x = layernorm_quant_gather(xr, self.ln1_w, self.ln1_b, self.ln1_eps, self.inv_s_qkv, self.dim, rmap,
@@ -136,7 +241,7 @@ class FusedSwinBlock(GemmBlock):
             a.zero_()
         elif dt != torch.int8 and xr.shape[0] > m:  # garbage fp8 bytes can be NaN
             a[m:].zero_()
-        window_attention(qkv, table, rmap, self.inv_s_proj, a, images=batch, window_tokens=self.n, heads=self.heads,
+        window_attention(qkv, table, rmap, self.inv_s_proj, a, images=batch, window_tokens=n, heads=self.heads,
                          head_dim=self.head_dim, scale=self.scale, src_rows=h * w)
         return self.mlp(self.proj(a, xr), m)
 
@@ -163,34 +268,54 @@ class FusedSwinBlocks(nn.Module):
         return {f"blocks.{i}.{k}": g for i, blk in enumerate(self.blocks) for k, g in blk.gemms().items()}
 
 
-def swin_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every module whose ``blocks`` is a sequence of timm Swin blocks (timm's
-    ``SwinTransformerStage``, also inside a ``features_only`` backbone)."""
+class FusedHFSwinBlocks(FusedSwinBlocks):
+    """Replaces a Hugging Face ``SwinStage``'s ``blocks`` (as the single entry of its ModuleList): takes
+    and returns what its ``SwinLayer``s do, [B, H*W, C] and the (height, width) beside it."""
+
+    def forward(self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int], *args, **kwargs):
+        b, hw, c = hidden_states.shape
+        h, w = int(input_dimensions[0]), int(input_dimensions[1])
+        # always_partition: a keyword in transformers 5.x, the 5th positional argument before
+        always = bool(kwargs.get("always_partition", args[2] if len(args) > 2 else False))
+        xr = FusedBlocks.pad(hidden_states)
+        for blk in self.blocks:
+            xr = blk(xr, b, h, w, always)
+        return xr[: b * hw, :c].reshape(b, hw, c).to(hidden_states.dtype), None
+
+
+def swin_stages(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, "timm" or "hf") of every module whose ``blocks`` are Swin blocks: timm's
+    ``SwinTransformerStage`` (also inside a ``features_only`` backbone) or a Hugging Face ``SwinStage``."""
     out = []
     for name, mod in model.named_modules():
         blocks = getattr(mod, "blocks", None)
-        if isinstance(blocks, nn.Sequential) and len(blocks) and all(
-                type(b).__name__ == "SwinTransformerBlock" for b in blocks):
-            out.append((name, mod))
+        if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not len(blocks):
+            continue
+        kinds = {type(b).__name__ for b in blocks}
+        if kinds == {"SwinTransformerBlock"}:
+            out.append((name, mod, "timm"))
+        elif kinds == {"SwinLayer"}:
+            out.append((name, mod, "hf"))
     return out
 
 
 def fuse_swin_blocks(model: nn.Module, compressed: dict[str, nn.Module], device: torch.device) -> str | None:
-    """Swap every Swin stage's ``blocks`` for ``FusedSwinBlocks`` in place when all blocks qualify;
-    ``None`` on success, else the first reason (the model is then left unchanged)."""
-    from gpusq.deploy.vit import block_backend
+    """Swap every Swin stage's ``blocks`` for fused ones in place when all blocks qualify; ``None`` on
+    success, else the first reason (the model is then left unchanged)."""
+    from gpusq.deploy import layer_codes
 
     stages = swin_stages(model)
     if not stages:
-        return "the model has no timm Swin stages"
+        return "the model has no timm or Hugging Face Swin stages"
     backends = set()
-    for sname, stage in stages:
+    for sname, stage, kind in stages:
         for i, blk in enumerate(stage.blocks):
             prefix = f"{sname}.blocks.{i}" if sname else f"blocks.{i}"
-            why = why_not_swin_block(blk, compressed, prefix)
+            why = (why_not_swin_block if kind == "timm" else why_not_hf_layer)(blk, compressed, prefix)
             if why is not None:
                 return why
-            backends.add(block_backend(blk, compressed, prefix))
+            first = f"{prefix}.attn.qkv" if kind == "timm" else f"{prefix}.{hf_layout(blk)['q']}"
+            backends.add(layer_codes(compressed[first])[0])
     if len(backends) != 1:
         return f"blocks mix formats ({', '.join(sorted(backends))})"
     backend = backends.pop()
@@ -199,8 +324,13 @@ def fuse_swin_blocks(model: nn.Module, compressed: dict[str, nn.Module], device:
 
         if not cublaslt.available():
             return "nvmath-python is not installed (pip install 'gpusq[gpu]')"
-    for sname, stage in stages:
+    for sname, stage, kind in stages:
         pre = f"{sname}.blocks" if sname else "blocks"
-        stage.blocks = FusedSwinBlocks([FusedSwinBlock(b, compressed, f"{pre}.{i}", device, backend)
-                                        for i, b in enumerate(stage.blocks)])
+        if kind == "timm":
+            stage.blocks = FusedSwinBlocks([FusedSwinBlock.from_timm(b, compressed, f"{pre}.{i}", device, backend)
+                                            for i, b in enumerate(stage.blocks)])
+        else:
+            stage.blocks = nn.ModuleList([FusedHFSwinBlocks([
+                FusedSwinBlock.from_hf(b, compressed, f"{pre}.{i}", device, backend)
+                for i, b in enumerate(stage.blocks)])])
     return None

@@ -36,11 +36,9 @@ def _is_identity(m) -> bool:
 
 
 def why_not_gemm_block(block: nn.Module, compressed: dict[str, nn.Module], prefix: str) -> str | None:
-    """What every fused block needs (ViT and Swin alike): affine LayerNorms ``norm1``/``norm2``, a plain
-    erf-GELU ``mlp``, and ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` compressed to a format with
-    a fused kernel; ``None`` or the reason."""
-    from gpusq.layers import CompressedLayer
-
+    """What every fused timm block needs (ViT and Swin alike): affine LayerNorms ``norm1``/``norm2``, a
+    plain erf-GELU ``mlp``, and ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` compressed to a format
+    with a fused kernel; ``None`` or the reason."""
     for ln in (block.norm1, block.norm2):
         if not isinstance(ln, nn.LayerNorm) or ln.weight is None:
             return f"{prefix}: norms are not affine LayerNorms"
@@ -49,19 +47,25 @@ def why_not_gemm_block(block: nn.Module, compressed: dict[str, nn.Module], prefi
         return f"{prefix}.mlp is not a plain Mlp"
     if not (isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none"):
         return f"{prefix}.mlp activation is {mlp.act}, not erf GELU"
-    from gpusq.deploy import layer_codes
+    return why_not_gemm_layers(compressed, [f"{prefix}.{rel}" for rel in GEMMS])
 
-    for rel in GEMMS:
-        layer = compressed.get(f"{prefix}.{rel}")
+
+def why_not_gemm_layers(compressed: dict[str, nn.Module], names: list[str]) -> str | None:
+    """``None`` if every named layer is compressed to a format with a fused kernel, else the reason."""
+    from gpusq.deploy import layer_codes
+    from gpusq.layers import CompressedLayer
+
+    for name in names:
+        layer = compressed.get(name)
         if not isinstance(layer, CompressedLayer):
-            return f"{prefix}.{rel} is not compressed"
+            return f"{name} is not compressed"
         try:
             kind = layer_codes(layer)[0]
         except Exception as e:  # noqa: BLE001 - an unsupported format is a reason, not a crash
-            return f"{prefix}.{rel}: {e}"
+            return f"{name}: {e}"
         sparse = layer.weight_mask is not None
         if not ((kind == "int8" and sparse) or (kind == "fp8" and not sparse)):
-            return (f"{prefix}.{rel} is {kind} {'2:4' if sparse else 'dense'}; fused kernels exist for INT8/INT4 "
+            return (f"{name} is {kind} {'2:4' if sparse else 'dense'}; fused kernels exist for INT8/INT4 "
                     "2:4 (cuSPARSELt) and dense FP8 (cuBLASLt)")
     return None
 
@@ -92,74 +96,98 @@ def block_backend(block: nn.Module, compressed: dict[str, nn.Module], prefix: st
     return layer_codes(compressed[f"{prefix}.attn.qkv"])[0]
 
 
+def timm_specs(compressed: dict[str, nn.Module], prefix: str) -> dict[str, GemmSpec]:
+    """``gemm_specs`` of a timm block (ViT or Swin): ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``."""
+    return gemm_specs(compressed, {k: f"{prefix}.{rel}" for k, rel in zip(("qkv", "proj", "fc1", "fc2"), GEMMS)})
+
+
 def _gamma(ls) -> torch.Tensor | None:
     return ls.gamma.detach().float() if hasattr(ls, "gamma") else None
+
+
+GemmSpec = tuple  # (codes [N, K] float, weight scale [N], input scale, bias [N] or None)
+
+
+def gemm_specs(compressed: dict[str, nn.Module], names: dict[str, str | tuple[str, ...]]) -> dict[str, GemmSpec]:
+    """``{rel: (codes, weight scale, input scale, bias)}`` for the fused GEMMs ``qkv``/``proj``/``fc1``/``fc2``
+    from compressed layer names; a tuple of names (Hugging Face's separate q, k, v) is concatenated
+    along the outputs, which is exact only when they quantize their shared input with one scale."""
+    from gpusq.deploy import layer_codes
+
+    out = {}
+    for rel, nm in names.items():
+        parts = [compressed[n] for n in (nm if isinstance(nm, tuple) else (nm,))]
+        cs_ = [layer_codes(p) for p in parts]
+        s_in = cs_[0][3]
+        if any(not torch.equal(c[3].float(), s_in.float()) for c in cs_[1:]):
+            raise ValueError(f"{', '.join(nm)} quantize their shared input with different scales")
+        biases = [p.bias.detach().float() if p.bias is not None else torch.zeros(c[1].shape[0])
+                  for p, c in zip(parts, cs_)]
+        has_bias = any(p.bias is not None for p in parts)
+        out[rel] = (torch.cat([c[1] for c in cs_]), torch.cat([c[2].float().reshape(-1) for c in cs_]), s_in,
+                    torch.cat(biases) if has_bias else None)
+    return out
 
 
 class GemmBlock(nn.Module):
     """The four GEMMs of a transformer block (qkv, proj + residual, fc1 + GELU -> codes, fc2 + residual)
     on the fused kernels of ``backend``, its two LayerNorms and the input scales: what the ViT and the
-    Swin fused blocks share. ``gamma1``/``gamma2`` (LayerScale) fold into proj's / fc2's alpha and bias."""
+    Swin fused blocks share. ``specs`` from ``gemm_specs``; ``gamma1``/``gamma2`` (LayerScale) fold into
+    proj's / fc2's alpha and bias."""
 
-    def __init__(self, block: nn.Module, compressed: dict[str, nn.Module], prefix: str, device: torch.device,
-                 backend: str = "int8", gamma1: torch.Tensor | None = None, gamma2: torch.Tensor | None = None):
+    def __init__(self, norm1: nn.LayerNorm, norm2: nn.LayerNorm, specs: dict[str, GemmSpec], prefix: str,
+                 device: torch.device, backend: str = "int8", gamma1: torch.Tensor | None = None,
+                 gamma2: torch.Tensor | None = None):
         super().__init__()
-        from gpusq.deploy import layer_codes
-
         self.backend = backend
         self.act_dtype = torch.int8 if backend == "int8" else torch.float8_e4m3fn
-        self.dim = block.norm1.weight.shape[0]
-        codes = {rel: layer_codes(compressed[f"{prefix}.{rel}"]) for rel in GEMMS}
-
-        def lin(rel):
-            return compressed[f"{prefix}.{rel}"]
+        self.dim = norm1.weight.shape[0]
 
         def alpha(rel, gamma=None):
-            _, _, ws, s_in = codes[rel]
+            _, ws, s_in, _ = specs[rel]
             a = ws.float() * s_in.float()
             return a * gamma if gamma is not None else a
 
         def bias(rel, gamma=None):
-            b = lin(rel).bias
+            b = specs[rel][3]
             if b is None:
                 return None
-            b = b.detach().float()
             return b * gamma if gamma is not None else b
 
         def inv_in(rel):
-            return (1.0 / codes[rel][3].float()).reshape(()).to(device)
+            return (1.0 / specs[rel][2].float()).reshape(()).to(device)
 
-        s_fc2 = float(codes["mlp.fc2"][3])
+        s_fc2 = float(specs["fc2"][2])
 
         def gemm(rel, gamma=None, **kw):
             name = f"{prefix}.{rel}"
+            codes, ws, s_in, _ = specs[rel]
             if backend == "int8":
                 from gpusq.deploy.cslt import SparseGemm
 
                 if kw.pop("act_out", False):
                     kw.update(out="int8", gelu=True, gelu_scale=1.0 / s_fc2)
-                return SparseGemm(codes[rel][1], alpha(rel, gamma), bias(rel, gamma), device=device, name=name, **kw)
+                return SparseGemm(codes, alpha(rel, gamma), bias(rel, gamma), device=device, name=name, **kw)
             from gpusq.deploy.cublaslt import DenseFp8Gemm
 
             if kw.pop("act_out", False):
                 kw.update(out="fp8", gelu=True, out_scale=s_fc2)
-            _, c, ws, s_in = codes[rel]
-            w = c.float() * ws.float()[:, None]
+            w = codes.float() * ws.float()[:, None]
             if gamma is not None:
                 w = w * gamma.float()[:, None]
             return DenseFp8Gemm(w, bias(rel, gamma), float(s_in), device=device, **kw)
 
-        self.qkv = gemm("attn.qkv")
-        self.proj = gemm("attn.proj", gamma1, residual=True)
-        self.fc1 = gemm("mlp.fc1", act_out=True)
-        self.fc2 = gemm("mlp.fc2", gamma2, residual=True)
+        self.qkv = gemm("qkv")
+        self.proj = gemm("proj", gamma1, residual=True)
+        self.fc1 = gemm("fc1", act_out=True)
+        self.fc2 = gemm("fc2", gamma2, residual=True)
         # plain float32 attributes, not buffers: deploy() casts the model to bf16 afterwards
-        for i, ln in ((1, block.norm1), (2, block.norm2)):
+        for i, ln in ((1, norm1), (2, norm2)):
             setattr(self, f"ln{i}_w", ln.weight.detach().float().to(device))
             setattr(self, f"ln{i}_b", (ln.bias.detach().float() if ln.bias is not None
                                        else torch.zeros_like(ln.weight).float()).to(device))
             setattr(self, f"ln{i}_eps", float(ln.eps))
-        self.inv_s_qkv, self.inv_s_proj, self.inv_s_fc1 = inv_in("attn.qkv"), inv_in("attn.proj"), inv_in("mlp.fc1")
+        self.inv_s_qkv, self.inv_s_proj, self.inv_s_fc1 = inv_in("qkv"), inv_in("proj"), inv_in("fc1")
 
     def mlp(self, xr: torch.Tensor, rows: int) -> torch.Tensor:
         """``xr + fc2(GELU(fc1(LN2(xr))))`` on the padded residual stream (3 kernels)."""
@@ -178,8 +206,8 @@ class FusedBlock(GemmBlock):
 
     def __init__(self, block: nn.Module, compressed: dict[str, nn.Module], prefix: str, device: torch.device,
                  backend: str = "int8"):
-        super().__init__(block, compressed, prefix, device, backend, _gamma(getattr(block, "ls1", None)),
-                         _gamma(getattr(block, "ls2", None)))
+        super().__init__(block.norm1, block.norm2, timm_specs(compressed, prefix), prefix, device, backend,
+                         _gamma(getattr(block, "ls1", None)), _gamma(getattr(block, "ls2", None)))
         attn = block.attn
         self.heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, float(attn.scale)
         if self.qkv.np_ != cs.round_up(3 * self.heads * self.head_dim) or self.proj.np_ != cs.round_up(self.dim):
