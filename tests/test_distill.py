@@ -73,3 +73,44 @@ def test_feature_hooks_align_teacher_and_student_by_name():
     assert all(v > 0 for v in d.values())
     d_same = measure_distortion(teacher, teacher, [x], names)
     assert all(v == 0 for v in d_same.values())
+
+
+def test_paper_importance_weights_follow_the_absolute_feature_loss():
+    from gpusq.distill import layer_weights
+
+    rel = {"a": 0.4, "b": 0.1, "c": 0.1}  # relative distortion: block a suffered most of its signal
+    mse = {"a": 0.01, "b": 0.05, "c": 0.14}  # absolute stage-1 feature loss: block c (large activations) most
+    w_rel = layer_weights(rel, mse, DistillConfig())
+    w_pap = layer_weights(rel, mse, DistillConfig(importance="paper"))
+    assert w_rel == pytest.approx({"a": 2.0, "b": 0.5, "c": 0.5})
+    assert w_pap == pytest.approx({"a": 0.15, "b": 0.75, "c": 2.1})  # L * share of the stage-1 feature loss
+    assert sum(w_pap.values()) == pytest.approx(3)
+    for imp in ("relative", "paper"):
+        assert layer_weights(rel, mse, DistillConfig(importance=imp, layer_weighting=False)) == {"a": 1, "b": 1, "c": 1}
+    with pytest.raises(ValueError, match="distill.importance must be one of relative, paper"):
+        DistillConfig(importance="absolute")
+
+
+def test_feature_errors_are_the_stage1_feature_loss_per_layer():
+    import copy
+
+    from gpusq.distill import feature_loss, measure_feature_errors
+
+    torch.manual_seed(0)
+    teacher = tiny_vit()
+    student = copy.deepcopy(teacher)
+    sparsify_(student)
+    names = feature_layers(teacher)
+    x1, x2 = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    rel, mse = measure_feature_errors(student, teacher, [x1, x2], names)
+    assert rel == measure_distortion(student, teacher, [x1, x2], names)
+    with FeatureHooks(teacher, names) as ht, FeatureHooks(student, names) as hs, torch.no_grad():
+        expect = dict.fromkeys(names, 0.0)
+        for x in (x1, x2):  # equal-sized batches: the mean of the batch MSEs
+            teacher.eval()(x)
+            student.eval()(x)
+            for n in names:
+                expect[n] += float(feature_loss(hs.features[n], ht.features[n])) / 2
+    assert mse == pytest.approx(expect, rel=1e-5)
+    energy = {n: mse[n] / rel[n] for n in names}  # mean squared teacher activation per layer
+    assert energy["blocks.1"] != pytest.approx(energy["blocks.0"], rel=1e-3)  # so the two weightings differ

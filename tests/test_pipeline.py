@@ -119,6 +119,7 @@ def test_compress_end_to_end_outputs_and_eval(teacher_dir, tmp_path, capsys):
     rc = main(["compress", "--teacher", str(teacher_dir), "--recipe", "int8", "--data", "mnist5k",
                "--workers", "0", "--batch-size", "64", "--device", "cpu",
                "--set", "train.stage1.epochs=0.1", "--set", "train.stage2.epochs=0.1",
+               "--set", "train.stage1.min_steps=0", "--set", "train.stage2.min_steps=0",
                "--set", "train.calib_batches=2", "--set", "train.importance_batches=2", "--out", str(out)])
     assert rc == 0
     for f in ("model.safetensors", "recipe.yaml", "report.json", "report.md", "training.png", "model.yaml"):
@@ -146,6 +147,26 @@ def test_compress_end_to_end_outputs_and_eval(teacher_dir, tmp_path, capsys):
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # the report's metrics are the stored model's (codes + bf16 tensors): eval of the output reproduces them
     assert ev["top1"] == rep["metrics"]["top1"] and ev["top5"] == rep["metrics"]["top5"]
+
+
+def test_paper_importance_weights_from_the_stage1_feature_loss(teacher_dir, tmp_path):
+    """``distill.importance: paper``: stage 2's weights are L x each block's share of the absolute stage-1
+    feature loss (recorded per layer), and a reused stage-1 directory gives the same weights."""
+    teacher, name, kw = resolve_model(None, {}, str(teacher_dir))
+    fast = {"train": {"stage1": {"epochs": 0.05, "min_steps": 0}, "stage2": {"epochs": 0.05, "min_steps": 0},
+                      "calib_batches": 1, "importance_batches": 2}}
+    data = DataOptions("mnist5k", workers=0, batch_size=64)
+    cpu = torch.device("cpu")
+    rel = compress(teacher, load_recipe("int8", fast), data, tmp_path / "rel", model_name=name, model_kwargs=kw,
+                   progress=False, device=cpu)
+    pap = compress(teacher, load_recipe("int8", {**fast, "distill": {"importance": "paper"}}), data, tmp_path / "pap",
+                   model_name=name, model_kwargs=kw, progress=False, device=cpu, stage1_from=tmp_path / "rel" / "stage1")
+    mse, w = pap["layer_feature_mse"], pap["layer_weights"]
+    assert pap["layer_importance"] == "paper" and rel["layer_importance"] == "relative"
+    assert mse == rel["layer_feature_mse"] and set(w) == {"blocks.0", "blocks.1"}
+    assert w == pytest.approx({k: 2 * v / sum(mse.values()) for k, v in mse.items()})
+    assert w != pytest.approx(rel["layer_weights"])
+    assert "share of the stage-1 feature-distillation loss" in (tmp_path / "pap" / "report.md").read_text()
 
 
 def test_nan_loss_stops_with_message(teacher_dir, tmp_path):

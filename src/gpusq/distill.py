@@ -18,6 +18,19 @@ on a few batches,
 and weight stage 2's feature terms by ``w_l = L * d_l / sum_k d_k`` (they sum to the number of
 layers L). Blocks that suffered most from pruning get the most attention during QAT. With
 weighting off, ``w_l = 1`` for every layer (the ablation).
+
+Two measures of "suffered" (``distill.importance``):
+
+* ``relative`` (default): ``d_l`` as above, the distortion relative to the teacher's feature energy.
+  Every block counts by how much of its signal pruning changed, whatever its activation scale.
+* ``paper``: ``d_l = MSE(F_l^sparse, F_l^teacher)``, the absolute stage-1 feature-distillation loss
+  of block l (the very term stage 1 minimized), so ``w_l`` is block l's share of the stage-1 feature
+  loss. This is how GPUSQ-ViT describes its "sparse-distillation-aware weight factor": each critical
+  layer's weight comes from its feature-distillation loss in the 2:4 pruning stage and stands for how
+  much that layer's error influences the final accuracy. The residual stream of a ViT grows with
+  depth, so absolute errors (and these weights) favour the later blocks, the ones the paper finds most
+  worth mimicking. gpusq scales the shares by L (a ratio summing to 1 is the same with ``gamma / L``)
+  so that ``gamma`` means the same for all three settings.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ from torch import nn
 
 # Transformer blocks in timm ViT/DeiT ("blocks.3") and Swin ("layers.1.blocks.0").
 DEFAULT_FEATURE_PATTERN = r"(^|\.)blocks\.\d+$"
+IMPORTANCE_MODES = ("relative", "paper")
 
 
 @dataclass
@@ -42,8 +56,12 @@ class DistillConfig:
     temperature: float = 1.0
     features: str = DEFAULT_FEATURE_PATTERN
     layer_weighting: bool = True
+    importance: str = "relative"  # how stage-1 damage is measured for the weights: relative | paper
 
     def __post_init__(self) -> None:
+        if self.importance not in IMPORTANCE_MODES:
+            raise ValueError(f"distill.importance must be one of {', '.join(IMPORTANCE_MODES)}, "
+                             f"got {self.importance!r}")
         for k in ("alpha", "beta", "gamma"):
             if getattr(self, k) < 0:
                 raise ValueError(f"distill.{k} must be >= 0, got {getattr(self, k)}")
@@ -115,13 +133,35 @@ def layer_weights_from_distortion(distortion: dict[str, float], enabled: bool = 
     return {k: n * v / total for k, v in distortion.items()}
 
 
+def layer_weights(distortion: dict[str, float], feature_mse: dict[str, float] | None,
+                  config: DistillConfig) -> dict[str, float]:
+    """Stage 2's per-layer feature weights for ``config``: uniform without ``layer_weighting``, else
+    from the relative distortion (``importance: relative``) or the absolute stage-1 feature MSE
+    (``importance: paper``); either way they sum to the number of layers."""
+    if config.importance == "paper" and config.layer_weighting:
+        if feature_mse is None:
+            raise ValueError("distill.importance 'paper' needs the stage-1 feature MSE per layer")
+        return layer_weights_from_distortion(feature_mse, True)
+    return layer_weights_from_distortion(distortion, config.layer_weighting)
+
+
 @torch.no_grad()
 def measure_distortion(
     student: nn.Module, teacher: nn.Module, batches: Iterable[torch.Tensor], names: list[str]
 ) -> dict[str, float]:
     """Relative feature distortion d_l of ``student`` vs ``teacher`` per layer over ``batches``."""
+    return measure_feature_errors(student, teacher, batches, names)[0]
+
+
+@torch.no_grad()
+def measure_feature_errors(
+    student: nn.Module, teacher: nn.Module, batches: Iterable[torch.Tensor], names: list[str]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per layer over ``batches``: the relative distortion ``||S-T||^2 / ||T||^2`` and the mean
+    squared error ``MSE(S, T)`` (``feature_loss``, as stage 1's feature term computes it)."""
     num = dict.fromkeys(names, 0.0)
     den = dict.fromkeys(names, 0.0)
+    count = dict.fromkeys(names, 0)
     was = student.training, teacher.training
     student.eval()
     teacher.eval()
@@ -133,9 +173,11 @@ def measure_distortion(
                 s, t = hs.features[n].float(), ht.features[n].float()
                 num[n] += float((s - t).pow(2).sum())
                 den[n] += float(t.pow(2).sum())
+                count[n] += t.numel()
     student.train(was[0])
     teacher.train(was[1])
-    return {n: num[n] / max(den[n], 1e-12) for n in names}
+    return ({n: num[n] / max(den[n], 1e-12) for n in names},
+            {n: num[n] / max(count[n], 1) for n in names})
 
 
 class DistillationLoss(nn.Module):

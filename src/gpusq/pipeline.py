@@ -32,7 +32,7 @@ from gpusq.checkpoint import (
 )
 from gpusq.classes import check_classes, check_same_split_classes, head_size, recorded_classes
 from gpusq.data import Batches, DataInfo, build_dataset, cache_in_memory, prepare_batch
-from gpusq.distill import DistillationLoss, feature_layers, layer_weights_from_distortion, measure_distortion
+from gpusq.distill import DistillationLoss, feature_layers, layer_weights, measure_feature_errors
 from gpusq.errors import GpusqError
 from gpusq.models import create_model, load_state_file, load_weights_, model_input_size, parse_model_kwargs
 from gpusq.outdir import check_out_dir
@@ -238,7 +238,7 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
              model_name: str | None = None, model_kwargs: dict | None = None, resume: bool = False,
              device: torch.device | None = None, progress: bool = True, ckpt_every: int = 0,
              stage1_from: str | Path | None = None, compile: bool = False,
-             teacher_classes: list[str] | None = None) -> dict:
+             teacher_classes: list[str] | None = None, epoch_eval: bool = True) -> dict:
     """Run GPUSQ on a trained dense ``teacher``; write the compressed model and reports to ``out``.
 
     ``teacher_classes``: the class names the teacher was trained on, in label order (default: those
@@ -248,6 +248,9 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
 
     ``stage1_from``: reuse the stage-1 result of an earlier run (its ``out/stage1`` directory) and
     go straight to stage 2 (how the ablations share one sparse fine-tuning).
+
+    ``epoch_eval=False``: no validation pass after every epoch (the history has training metrics
+    only; the stage and final metrics are measured as always), for sweeps of many short runs.
     """
     out = Path(out)
     _prepare_out(out, resume)
@@ -293,6 +296,11 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
         s1 = json.loads(s1_file.read_text())
         hist1 = s1.get("history", [])
         distortion = s1["distortion"]
+        feature_mse = s1.get("feature_mse")
+        if feature_mse is None:  # a stage-1 directory written before feature_mse was recorded
+            imp = sample_batches(loaders.train, recipe.train.importance_batches, device)
+            names = feature_layers(teacher, recipe.distill.features)
+            feature_mse = D.mean_dict(measure_feature_errors(student, teacher, imp, names)[1]) if names else {}
     else:
         if recipe.sparse:
             sel = sparsify_(student, recipe.sparsity)
@@ -307,20 +315,24 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
         r1 = train_stage("stage1", student, loaders.train, cfg1, device, flip=loaders.info.flip,
                          crop_pad=loaders.info.crop_pad, teacher=teacher,
                          loss_fn=loss1, feature_names=feats, ckpt_path=ck / "stage1.safetensors",
-                         ckpt_every=ckpt_every, resume=resume, seed=data.seed, eval_fn=ev, progress=progress,
-                         compile=compile)
+                         ckpt_every=ckpt_every, resume=resume, seed=data.seed, eval_fn=ev if epoch_eval else None,
+                         progress=progress, compile=compile)
         hist1 = r1.history
         imp = sample_batches(loaders.train, recipe.train.importance_batches, device)
         names = feature_layers(teacher, recipe.distill.features)
-        distortion = D.mean_dict(measure_distortion(student, teacher, imp, names)) if names else {}
+        distortion, feature_mse = measure_feature_errors(student, teacher, imp, names) if names else ({}, {})
+        distortion, feature_mse = D.mean_dict(distortion), D.mean_dict(feature_mse)
         if main:
             save_compressed(student, stage1_dir, recipe, model_name, model_kwargs, classes=classes,
                             dense_dtype="fp32")  # lossless: stage 2 trains on it
-            _write_json(stage1_dir / "stage1.json", {"history": hist1, "distortion": distortion})
+            _write_json(stage1_dir / "stage1.json",
+                        {"history": hist1, "distortion": distortion, "feature_mse": feature_mse})
         D.barrier()
     report["stage1_metrics"] = ev(student)
-    weights = layer_weights_from_distortion(distortion, recipe.distill.layer_weighting)
+    weights = layer_weights(distortion, feature_mse, recipe.distill)
+    report["layer_importance"] = recipe.distill.importance if recipe.distill.layer_weighting else "uniform"
     report["layer_distortion"] = distortion
+    report["layer_feature_mse"] = feature_mse
     report["layer_weights"] = weights
 
     # stage 2: sparse-aware QAT, KD from the stage-1 sparse model, features weighted per layer
@@ -343,7 +355,8 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
                          crop_pad=loaders.info.crop_pad,
                          teacher=teacher2, loss_fn=loss2, feature_names=feats,
                          ckpt_path=ck / "stage2.safetensors", ckpt_every=ckpt_every, resume=resume,
-                         seed=data.seed + 1, eval_fn=ev, progress=progress, compile=compile)
+                         seed=data.seed + 1, eval_fn=ev if epoch_eval else None, progress=progress,
+                         compile=compile)
         hist2 = r2.history
     # the final metrics are the stored model's (codes + bf16 dense tensors): what `gpusq eval` of the
     # output reproduces exactly

@@ -72,8 +72,13 @@ def write_report_md(out: Path, report: dict[str, Any]) -> None:
         "",
     ]
     if report.get("layer_weights"):
-        lines += ["Layer-importance weights for stage 2 (from stage-1 feature distortion):", "",
-                  "| layer | distortion | weight |", "|---|---|---|"]
+        how = {"relative": "from the stage-1 feature distortion relative to the teacher's",
+               "paper": "from each layer's share of the stage-1 feature-distillation loss (the paper's)",
+               "uniform": "uniform: layer weighting off"}.get(report.get("layer_importance", "relative"), "")
+        mse = report.get("layer_feature_mse") or {}
+        lines += [f"Layer-importance weights for stage 2 ({how}):", "",
+                  "| layer | relative distortion | feature MSE | weight |", "|---|---|---|---|"]
         dist = report["layer_distortion"]
-        lines += [f"| {k} | {dist[k]:.4g} | {v:.3f} |" for k, v in report["layer_weights"].items()]
+        lines += [f"| {k} | {dist[k]:.4g} | {mse[k]:.4g} | {v:.3f} |" if k in mse else
+                  f"| {k} | {dist[k]:.4g} | | {v:.3f} |" for k, v in report["layer_weights"].items()]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
