@@ -424,7 +424,7 @@ def assemble_tokens(tokens: torch.Tensor, prefix: torch.Tensor | None, pos: torc
 
 def window_attention(qkv: torch.Tensor, bias: torch.Tensor, row_map: torch.Tensor, inv_scale: torch.Tensor,
                      out: torch.Tensor, *, images: int, window_tokens: int, heads: int, head_dim: int, scale: float,
-                     src_rows: int) -> torch.Tensor:
+                     src_rows: int, num_warps: int = 4) -> torch.Tensor:
     """Swin's (shifted-)window attention on the qkv GEMM's output, written as the proj GEMM's codes.
 
     ``qkv`` [>= images * L, >= 3 * heads * head_dim] (bf16, rows in window order: window ``w`` is rows
@@ -467,5 +467,5 @@ def window_attention(qkv: torch.Tensor, bias: torch.Tensor, row_map: torch.Tenso
     _window_attention_kernel[grid](
         qkv, bias, row_map, inv_scale, out, win_per_img, bias.shape[0], heads, width, src_rows,
         qkv.stride(0), out.stride(0), float(scale), N=n, BN=bn, D=head_dim, FP8=fp8, F32_DOT=_interpreted(),
-        num_warps=4)
+        num_warps=num_warps)
     return out
