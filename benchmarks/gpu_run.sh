@@ -45,6 +45,14 @@ PY
       timeout ${T_FC:-240} python3 -m pytest -m gpu tests/gpu/test_fused_gpu.py -q -s -p no:cacheprovider 2>&1 \
         | tee "$OUT/fusedcheck.txt" | grep -E "CORRECTNESS|passed|failed|Error|error|assert" | tee -a "$LOG"
       ;;
+    swinprobe)  # window-attention kernel configurations vs SDPA (Swin-T, batch 256)
+      timeout 200 python3 benchmarks/swin_probe.py --json "$OUT/swin_probe.json" 2>&1 | tee -a "$LOG"
+      ;;
+    taskcheck)  # the task-model deploy tests and the task bench test
+      timeout 300 python3 -m pytest -m gpu tests/gpu/test_deploy_gpu.py tests/gpu/test_bench_tasks_gpu.py -k "task" -q -s \
+        -p no:cacheprovider 2>&1 | tee "$OUT/taskcheck.txt" | grep -E "CORRECTNESS|passed|failed|Error|error|assert" \
+        | tee -a "$LOG"
+      ;;
     kcases)  # the Triton kernels' interpreter cases, compiled
       timeout 300 python3 tests/test_kernels_interpret.py --worker --device cuda 2>&1 | grep -v "^RESULTS" | tee -a "$LOG"
       ;;

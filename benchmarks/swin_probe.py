@@ -18,11 +18,33 @@ import torch.nn.functional as F
 STAGES = [(56, 3, 2), (28, 6, 2), (14, 12, 6), (7, 24, 2)]  # Swin-T: (tokens per side, heads, blocks)
 
 
-def main() -> None:
+def _stage(b: int, side: int, heads: int, hd: int, win: tuple[int, int]) -> dict[str, float]:
     from gpusq.deploy.cusparselt import time_graph
     from gpusq.deploy.kernels import window_attention
     from gpusq.deploy.swin import bias_table, shift_mask, window_row_map
 
+    shift = (3, 3) if side > 7 else (0, 0)
+    rmap = window_row_map(side, side, win, shift).cuda()
+    table = bias_table(torch.randn(heads, 49, 49).cuda(), None if not any(shift) else
+                       shift_mask(side, side, win, shift).cuda(), 64)
+    m = b * rmap.numel()
+    qkv = torch.randn(m, 3 * heads * hd, device="cuda").to(torch.bfloat16)
+    out = torch.empty(b * side * side, heads * hd, dtype=torch.int8, device="cuda")
+    inv = torch.tensor(10.0, device="cuda")
+    res = {}
+    for nw in (1, 2, 4, 8):
+        res[f"triton_w{nw}"] = time_graph(lambda nw=nw: window_attention(
+            qkv, table, rmap, inv, out, images=b, window_tokens=49, heads=heads, head_dim=hd, scale=hd ** -0.5,
+            src_rows=side * side, num_warps=nw))
+    nwin = m // 49
+    q = torch.randn(nwin, heads, 64, hd, device="cuda").to(torch.bfloat16)
+    bias = table.repeat(nwin // table.shape[0], 1, 1, 1)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION):
+        res["sdpa_efficient_64"] = time_graph(lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=bias))
+    return res
+
+
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--json")
@@ -30,24 +52,7 @@ def main() -> None:
     b, hd, win = args.batch, 32, (7, 7)
     rows, total = [], {}
     for side, heads, blocks in STAGES:
-        shift = (3, 3) if side > 7 else (0, 0)
-        rmap = window_row_map(side, side, win, shift).cuda()
-        table = bias_table(torch.randn(heads, 49, 49).cuda(), None if not any(shift) else
-                           shift_mask(side, side, win, shift).cuda(), 64)
-        m = b * rmap.numel()
-        qkv = torch.randn(m, 3 * heads * hd, device="cuda").to(torch.bfloat16)
-        out = torch.empty(b * side * side, heads * hd, dtype=torch.int8, device="cuda")
-        inv = torch.tensor(10.0, device="cuda")
-        res = {}
-        for nw in (1, 2, 4, 8):
-            res[f"triton_w{nw}"] = time_graph(lambda nw=nw: window_attention(
-                qkv, table, rmap, inv, out, images=b, window_tokens=49, heads=heads, head_dim=hd, scale=hd ** -0.5,
-                src_rows=side * side, num_warps=nw))
-        nwin = m // 49
-        q = torch.randn(nwin, heads, 64, hd, device="cuda").to(torch.bfloat16)
-        bias = table.repeat(nwin // table.shape[0], 1, 1, 1)
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION):
-            res["sdpa_efficient_64"] = time_graph(lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=bias))
+        res = _stage(b, side, heads, hd, win)
         rows.append({"side": side, "heads": heads, "blocks": blocks, **res})
         for k, v in res.items():
             total[k] = total.get(k, 0.0) + v * blocks
