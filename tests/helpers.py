@@ -11,6 +11,7 @@ KWD = dict(img_size=16, patch_size=4, num_classes=4, embed_dim=32, depth=1, num_
 KW = ",".join(f"{k}={v}" for k, v in KWD.items())
 FAST = ["--workers", "0", "--batch-size", "8", "--device", "cpu"]
 TINY_RECIPE = ["--set", "train.stage1.epochs=0.25", "--set", "train.stage2.epochs=0.25",
+               "--set", "train.stage1.min_steps=0", "--set", "train.stage2.min_steps=0",
                "--set", "train.calib_batches=1", "--set", "train.importance_batches=1"]
 
 

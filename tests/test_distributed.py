@@ -64,6 +64,7 @@ def test_two_gloo_processes_match_one(folder, tmp_path):
         c = tmp_path / f"c{n}"
         p2 = _torchrun(n, ["compress", "--teacher", str(t), "--recipe", "int8", "--out", str(c),
                            "--set", "train.stage1.epochs=0.5", "--set", "train.stage2.epochs=0.5",
+                           "--set", "train.stage1.min_steps=0", "--set", "train.stage2.min_steps=0",
                            "--set", "train.calib_batches=2", "--set", "train.importance_batches=2", *common],
                        tmp_path)
         assert p2.returncode == 0, p2.stderr[-3000:]

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from gpusq.cli import main
@@ -37,6 +39,27 @@ def test_bad_values(tmp_path):
         load_recipe("int8", {"quant": {"weight": {"dtype": "int3"}}})
     with pytest.raises(GpusqError, match="batch_size"):
         load_recipe("int8", parse_override("train.stage2.batch_size=0"))
+
+
+def test_importance_and_min_steps_fields(tmp_path, capsys):
+    r = load_recipe("int8")
+    assert r.distill.importance == "relative" and r.distill.layer_weighting  # the default (docs/results.md)
+    assert load_recipe("int4", parse_override("distill.importance=paper")).distill.importance == "paper"
+    f = tmp_path / "p.yaml"
+    f.write_text("base: int8\ndistill: {importance: paper}\ntrain: {stage2: {min_steps: 0}}\n")
+    r = load_recipe(str(f))
+    assert r.distill.importance == "paper" and r.train.stage2.min_steps == 0 and r.train.stage1.min_steps > 0
+    for over, msg in (("distill.importance=papr", "distill.importance must be one of relative, paper, got 'papr'"),
+                      ("distill.importance=1", "bad value for 'distill.importance': 1"),
+                      ("train.stage2.min_steps=-1", "min_steps must be >= 0"),
+                      ("train.stage2.min_steps=2.5", "bad value for 'train.stage2.min_steps': 2.5")):
+        with pytest.raises(GpusqError, match=re.escape(msg)):
+            load_recipe("int8", parse_override(over))
+    capsys.readouterr()
+    assert main(["compress", "--teacher", str(tmp_path), "--data", "mnist5k", "--out", str(tmp_path / "o"),
+                 "--set", "distill.importance=papr"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "distill.importance must be one of relative, paper" in err, err
 
 
 def test_unknown_recipe_lists_recipes(capsys):

@@ -34,10 +34,12 @@ def teacher(folder, tmp_path_factory):
 
 
 def _args(folder, teacher, out) -> list[str]:
-    # 8 steps per epoch; stage 1: 24 steps, stage 2: 24 steps; a checkpoint every 3 steps (mid-epoch)
+    # 8 steps per epoch; stage 1: 1 epoch raised to min_steps=24 (the floor spans epochs), stage 2: exactly
+    # 3 epochs = 24 steps; a checkpoint every 3 steps (mid-epoch)
     return [sys.executable, "-m", "gpusq", "compress", "--teacher", str(teacher), "--recipe", "int8",
             "--data", str(folder), "--workers", "0", "--batch-size", "16", "--device", "cpu",
-            "--set", "train.stage1.epochs=3", "--set", "train.stage2.epochs=3", "--set", "train.calib_batches=2",
+            "--set", "train.stage1.epochs=1", "--set", "train.stage1.min_steps=24",
+            "--set", "train.stage2.epochs=3", "--set", "train.stage2.min_steps=0", "--set", "train.calib_batches=2",
             "--set", "train.importance_batches=2", "--ckpt-every", "3", "--out", str(out)]
 
 

@@ -29,9 +29,16 @@ from gpusq.sparsity import SparsityConfig
 
 @dataclass
 class StageConfig:
-    """Optimization of one training stage (AdamW + warmup + cosine)."""
+    """Optimization of one training stage (AdamW + warmup + cosine).
+
+    Length: ``epochs`` passes over the training split, but never fewer than ``min_steps`` optimizer
+    steps (when ``epochs > 0``): on a small dataset a few epochs are a few dozen steps, too few to
+    recover from pruning or quantization, so the shipped recipes set a floor that only small datasets
+    reach. ``min_steps: 0`` gives exactly ``epochs``; ``epochs: 0`` skips the stage.
+    """
 
     epochs: float = 1.0
+    min_steps: int = 0
     lr: float = 5e-4
     min_lr: float = 1e-6
     weight_decay: float = 0.05
@@ -43,6 +50,8 @@ class StageConfig:
     def __post_init__(self) -> None:
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.min_steps < 0:
+            raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
         if self.lr <= 0:

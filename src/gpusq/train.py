@@ -47,6 +47,13 @@ def autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+def stage_steps(cfg: StageConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of a stage: ``epochs`` over the data, at least ``min_steps`` (0 epochs: none)."""
+    if cfg.epochs <= 0:
+        return 0
+    return max(int(round(cfg.epochs * steps_per_epoch)), cfg.min_steps)
+
+
 def lr_at(step: int, total: int, warmup: int, cfg: StageConfig) -> float:
     """Linear warmup to ``cfg.lr`` then cosine decay to ``cfg.min_lr``."""
     if warmup > 0 and step < warmup:
@@ -207,16 +214,21 @@ def train_stage(
     ddp_model: nn.Module | None = None,
     compile: bool = False,
 ) -> StageResult:
-    """Train ``student`` for ``cfg.epochs``; with a teacher, with the distillation loss.
+    """Train ``student`` for ``stage_steps(cfg, ...)`` steps (``cfg.epochs``, at least ``cfg.min_steps``); with a
+    teacher, with the distillation loss.
 
     ``ckpt_path`` (``ckpt_every`` steps, and every epoch end) makes the stage resumable exactly:
     model, optimizer, step, RNG and sampler position are restored with ``resume``.
     """
     steps_per_epoch = len(train_batches)
-    total = int(round(cfg.epochs * steps_per_epoch))
+    total = stage_steps(cfg, steps_per_epoch)
     result = StageResult()
     if total == 0:
         return result
+    if total > round(cfg.epochs * steps_per_epoch) and D.is_main():
+        print(f"gpusq: {name}: {cfg.epochs:g} epochs are {round(cfg.epochs * steps_per_epoch)} steps on this data; "
+              f"running min_steps={total} ({total / steps_per_epoch:.1f} epochs; set "
+              f"train.{name}.min_steps=0 for exactly {cfg.epochs:g})", flush=True)
     params = [p for p in student.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
