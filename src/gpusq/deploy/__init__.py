@@ -6,21 +6,23 @@ a ``DeployedModel`` on the GPU:
 
 * INT8 (and INT4, unpacked to INT8 at load: the H100 has no INT4 tensor cores) 2:4 layers run on
   cuSPARSELt with INT8 activations; the per-channel scale and the bias go into the GEMM epilogue;
-* where every transformer block is a plain timm ViT block with INT8/INT4 2:4 Linears and
-  nvmath-python is installed (the ``gpu`` extra), the blocks run fused (``gpusq.deploy.vit``): our
-  own cuSPARSELt plans with GELU + INT8 output in fc1's epilogue and the residual added through C
-  in proj / fc2, one Triton kernel per LayerNorm + quantize and per attention-output quantize;
-  eight kernels per block (``fused=False`` keeps the per-layer path below);
+* where every transformer block is a plain timm ViT block, a timm Swin block or a Hugging Face
+  ``SwinLayer`` (UPerNet's backbone) with INT8/INT4 2:4 Linears and nvmath-python is installed (the
+  ``gpu`` extra), the blocks run fused (``gpusq.deploy.vit``, ``gpusq.deploy.swin``): our own
+  cuSPARSELt plans with GELU + INT8 output in fc1's epilogue and the residual added through C in
+  proj / fc2, one Triton kernel per LayerNorm + quantize, and attention as SDPA + one head-merge
+  quantize kernel (ViT, eight kernels per block) or one Triton window-attention kernel that reads
+  q/k/v in shifted-window order and writes proj's INT8 input per token (Swin, seven kernels per
+  block); ``fused=False`` keeps the per-layer path below;
 * FP8 layers run dense on ``torch._scaled_mm`` (row-wise scales, bias fused) unless cuSPARSELt
   applies the scale vector and bias in its epilogue for FP8 (it does not with cuSPARSELt 0.8.0
   on the H100: measured, the FP8 2:4 model was then slower than dense FP8, docs/deploy.md);
   ``fp8_kernel="sparse"`` forces 2:4, ``"auto"`` otherwise times both per shape;
 * activation quantization is fused by ``torch.compile`` into the op producing the activation
   (LayerNorm, GELU, the attention output transpose), so int8 crosses memory, not bf16;
-* the rest (attention through SDPA, norms, head) runs in bf16 (``recipe.deploy.dense_dtype``);
-  Swin's window attention stays on timm's explicit path by default: through SDPA (timm's
-  ``fused_attn``, ``fused_attention=True``) its bias + shift mask makes SDPA pick the
-  memory-efficient kernel, measured ~1.8x slower on the H100 (docs/deploy.md);
+* the rest (attention through SDPA, norms, head) runs in bf16 (``recipe.deploy.dense_dtype``); on
+  the per-layer path Swin's window attention stays on timm's explicit path unless
+  ``fused_attention=True`` (SDPA with the bias + shift mask as a float mask: slower, docs/deploy.md);
 * the whole forward is captured in a CUDA graph per batch size.
 
 Without a suitable GPU (CUDA, compute capability >= 8.0, cuSPARSELt) it raises ``GpusqError``;
