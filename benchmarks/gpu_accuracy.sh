@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Device run of the CIFAR-10 accuracy benchmark (copy the zip to .carry/ and carry it).
-# usage: bash benchmarks/gpu_accuracy.sh TEACHER_ARGS -- VARIANT_ARGS
-# If .carry/teacher/ holds a trained teacher (model.safetensors split in parts), it is reused.
+# Device run of the CIFAR-10 ablation (issue 15; copy the zip to .carry/ and carry .carry).
+# usage: bash benchmarks/gpu_accuracy.sh TEACHER_ARGS -- SWEEP_ARGS
+# If .carry/teacher/ holds a trained teacher (model.safetensors split in parts), it is reused; else the
+# teacher is trained (TEACHER_ARGS) and returned in $OUT/teacher/ in 15 MB parts, for the next call.
+# The sweep claims no job that would end later than BUDGET_S (default 530) seconds after this script
+# started, and its table is rewritten after every job: a 600-second device call always returns
+# table.md / results.json with every finished job (rows say n).
 set -o pipefail
+start=$(date +%s)
+deadline=$(( start + ${BUDGET_S:-530} ))
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
 export PYTHONUNBUFFERED=1
 targs=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do targs+=("$1"); shift; done; shift
@@ -17,8 +23,10 @@ else
   split -b 15M /tmp/cifar/teacher/model.safetensors "$OUT/teacher/model.safetensors.part"
   cp /tmp/cifar/teacher/model.yaml /tmp/cifar/teacher/report.json "$OUT/teacher/"
 fi
+echo "teacher ready after $(( $(date +%s) - start ))s"
 [ $# -gt 0 ] || exit 0
-python3 benchmarks/cifar10_accuracy.py --data .carry/cifar10-jpeg-20k.zip --out /tmp/cifar "$@" 2>&1 | tee "$OUT/accuracy.log"
-cp /tmp/cifar/table.md "$OUT/" 2>/dev/null
-for s in 0 1 2; do cp /tmp/cifar/seed$s/results.json "$OUT/results_seed$s.json" 2>/dev/null; done
-cp /tmp/cifar/seed0/int8/report.json "$OUT/int8_report.json" 2>/dev/null
+python3 benchmarks/cifar10_accuracy.py --data .carry/cifar10-jpeg-20k.zip --out /tmp/cifar --deadline "$deadline" \
+  "$@" 2>&1 | tee "$OUT/accuracy.log"
+cp /tmp/cifar/table.md /tmp/cifar/results.json "$OUT/" 2>/dev/null
+cp /tmp/cifar/runs/int4-short-full-seed0/report.json "$OUT/int4_short_full_seed0_report.json" 2>/dev/null
+echo "done after $(( $(date +%s) - start ))s"

@@ -160,7 +160,8 @@ def test_paper_importance_weights_from_the_stage1_feature_loss(teacher_dir, tmp_
     rel = compress(teacher, load_recipe("int8", fast), data, tmp_path / "rel", model_name=name, model_kwargs=kw,
                    progress=False, device=cpu)
     pap = compress(teacher, load_recipe("int8", {**fast, "distill": {"importance": "paper"}}), data, tmp_path / "pap",
-                   model_name=name, model_kwargs=kw, progress=False, device=cpu, stage1_from=tmp_path / "rel" / "stage1")
+                   model_name=name, model_kwargs=kw, progress=False, device=cpu,
+                   stage1_from=tmp_path / "rel" / "stage1")
     mse, w = pap["layer_feature_mse"], pap["layer_weights"]
     assert pap["layer_importance"] == "paper" and rel["layer_importance"] == "relative"
     assert mse == rel["layer_feature_mse"] and set(w) == {"blocks.0", "blocks.1"}
