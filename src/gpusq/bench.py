@@ -98,6 +98,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                     help="torch.compile each transformer block (default; fast to compile) or the whole model")
     ap.add_argument("--fp8-kernel", default="auto", choices=("auto", "sparse", "dense"),
                     help="for --recipe fp8: time 2:4 cuSPARSELt vs dense per shape (auto) or force one")
+    ap.add_argument("--fused", default="auto", choices=("auto", "on", "off"),
+                    help="fused transformer blocks for gpusq and fp8-dense: where they qualify (auto), required "
+                         "(on: also Hugging Face Swin, opt-in for now), or never (off: the per-layer path)")
     ap.add_argument("--fused-attn", default="off", choices=("on", "off"),
                     help="attention through SDPA in every variant where timm has the switch (Swin's window "
                          "attention; default off, as gpusq.deploy: slower on the H100)")
@@ -239,16 +242,17 @@ class Variant:
 
             g = torch.Generator().manual_seed(1)
             calib_x = torch.randn(8, *input_size, generator=g).to(dev)
+            fused = {"auto": "auto", "on": True, "off": False}[getattr(args, "fused", "auto")]
             src = copy.deepcopy(base).to(dev).eval()
             if name == "fp8-dense":
                 fp8 = QuantConfig(QuantSpec("fp8_e4m3"), QuantSpec("fp8_e4m3"))
                 fq = _calibrated(src, fp8, calib_x, sparse=False)
                 self.deployed = deploy(fq, None, batch_sizes=(), compile=args.compile_scope,
-                                       fp8_kernel="dense", input_size=input_size)
+                                       fp8_kernel="dense", input_size=input_size, fused=fused)
             else:
                 fq = _calibrated(src, recipe.quant, calib_x, sparse=recipe.sparse, sparsity=recipe.sparsity)
                 self.deployed = deploy(fq, recipe, batch_sizes=(), compile=args.compile_scope,
-                                       fp8_kernel=args.fp8_kernel, input_size=input_size)
+                                       fp8_kernel=args.fp8_kernel, input_size=input_size, fused=fused)
             del src, fq
         self.setup_s = time.perf_counter() - t0
 

@@ -286,7 +286,7 @@ def test_task_models_deployed_match_fake_quant(name):
     calibrate(base, lambda m: _Flat(m, parts[0])(x[:8]))
     for part in parts:
         model = _Flat(base, part)
-        dm = deploy(model, r, batch_sizes=(8,), input_size=(3, 96, 96))
+        dm = deploy(model, r, batch_sizes=(8,), input_size=(3, 96, 96), fused=True if cslt.available() else "auto")
         with torch.no_grad():
             ref = model(x[8:])
             out = dm(x[8:]).clone()

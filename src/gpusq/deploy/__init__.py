@@ -6,14 +6,14 @@ a ``DeployedModel`` on the GPU:
 
 * INT8 (and INT4, unpacked to INT8 at load: the H100 has no INT4 tensor cores) 2:4 layers run on
   cuSPARSELt with INT8 activations; the per-channel scale and the bias go into the GEMM epilogue;
-* where every transformer block is a plain timm ViT block, a timm Swin block or a Hugging Face
-  ``SwinLayer`` (UPerNet's backbone) with INT8/INT4 2:4 Linears and nvmath-python is installed (the
-  ``gpu`` extra), the blocks run fused (``gpusq.deploy.vit``, ``gpusq.deploy.swin``): our own
-  cuSPARSELt plans with GELU + INT8 output in fc1's epilogue and the residual added through C in
-  proj / fc2, one Triton kernel per LayerNorm + quantize, and attention as SDPA + one head-merge
-  quantize kernel (ViT, eight kernels per block) or one Triton window-attention kernel that reads
-  q/k/v in shifted-window order and writes proj's INT8 input per token (Swin, seven kernels per
-  block); ``fused=False`` keeps the per-layer path below;
+* where every transformer block is a plain timm ViT block, a timm Swin block or (``fused=True``
+  only, for now) a Hugging Face ``SwinLayer`` (UPerNet's backbone) with INT8/INT4 2:4 Linears and
+  nvmath-python is installed (the ``gpu`` extra), the blocks run fused (``gpusq.deploy.vit``,
+  ``gpusq.deploy.swin``): our own cuSPARSELt plans with GELU + INT8 output in fc1's epilogue and
+  the residual added through C in proj / fc2, one Triton kernel per LayerNorm + quantize, and
+  attention as SDPA + one head-merge quantize kernel (ViT, eight kernels per block) or one Triton
+  window-attention kernel that reads q/k/v in shifted-window order and writes proj's INT8 input
+  per token (Swin, seven kernels per block); ``fused=False`` keeps the per-layer path below;
 * FP8 layers run dense on ``torch._scaled_mm`` (row-wise scales, bias fused) unless cuSPARSELt
   applies the scale vector and bias in its epilogue for FP8 (it does not with cuSPARSELt 0.8.0
   on the H100: measured, the FP8 2:4 model was then slower than dense FP8, docs/deploy.md);
@@ -286,7 +286,8 @@ def _fuse(model: nn.Module, layers: dict, fused, dev: torch.device) -> str:
 
     why = None if cslt.available() else "nvmath-python is not installed (pip install 'gpusq[gpu]')"
     if why is None:
-        why = fuse_swin_blocks(model, layers, dev) if swin_stages(model) else fuse_vit_blocks(model, layers, dev)
+        why = (fuse_swin_blocks(model, layers, dev, hf=fused is True) if swin_stages(model)
+               else fuse_vit_blocks(model, layers, dev))
     if why is None:
         return "fused"
     if fused is True:
