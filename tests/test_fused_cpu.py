@@ -407,3 +407,16 @@ def test_hf_swin_fusion_is_opt_in():
     fm = copy.deepcopy(_hf_swin())
     assert fuse_swin_blocks(fm, compressed_layers(fm), torch.device("cpu"), hf=False) == HF_OPT_IN
     assert not hasattr(fm.encoder.layers[0].blocks[0], "gpusq_fused")
+
+
+def test_residual_stream_starts_aligned():
+    """The GEMMs' descriptors declare 16-byte alignment: a token view at an odd offset is copied, an aligned
+    one is used as is."""
+    from gpusq.deploy.vit import FusedBlocks
+
+    base = torch.randn(1 + 2 * 32 * 64, dtype=torch.bfloat16)
+    odd = base[1:].view(2, 32, 64)  # starts 2 bytes into an aligned buffer
+    xr = FusedBlocks.pad(odd)
+    assert xr.data_ptr() % 16 == 0 and torch.equal(xr, odd.reshape(64, 64))
+    even = base[:-1].view(2, 32, 64)
+    assert FusedBlocks.pad(even).data_ptr() == even.data_ptr()

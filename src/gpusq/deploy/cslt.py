@@ -33,6 +33,7 @@ R_32F, R_8I, R_16BF = 0, 3, 14  # cudaDataType_t
 ORDER_COL, ORDER_ROW = 1, 2  # cusparseOrder_t
 OP_N, OP_T = 0, 1  # cusparseOperation_t
 OUT_DTYPES = {"bf16": (torch.bfloat16, R_16BF), "int8": (torch.int8, R_8I)}
+ALIGN = 16  # bytes: the alignment every matrix descriptor declares (checked on each call's pointers)
 
 _HANDLES: dict[int, int] = {}
 _BIAS_DTYPE: dict[str, torch.dtype] = {}
@@ -77,10 +78,10 @@ class _Plan:
         h = handle()
         self.keep: list[np.ndarray] = []
         self.mp = mp
-        self.a = cl.structured_descriptor_init(h, g.np_, g.kp, g.kp, 16, R_8I, ORDER_ROW,
+        self.a = cl.structured_descriptor_init(h, g.np_, g.kp, g.kp, ALIGN, R_8I, ORDER_ROW,
                                                cl.Sparsity.SPARSITY_50_PERCENT)
-        self.b = cl.dense_descriptor_init(h, mp, g.kp, g.kp, 16, R_8I, ORDER_ROW)
-        self.d = cl.dense_descriptor_init(h, g.np_, mp, g.np_, 16, g.out_cuda, ORDER_COL)
+        self.b = cl.dense_descriptor_init(h, mp, g.kp, g.kp, ALIGN, R_8I, ORDER_ROW)
+        self.d = cl.dense_descriptor_init(h, g.np_, mp, g.np_, ALIGN, g.out_cuda, ORDER_COL)
         self.mm = cl.matmul_descriptor_init(h, OP_N, OP_T, self.a, self.b, self.d, self.d, cl.ComputeType.COMPUTE_32I)
         A = cl.MatmulDescAttribute
         self._set_desc(A.ALPHA_VECTOR_SCALING, 1)
@@ -247,6 +248,9 @@ class SparseGemm:
         if residual is not None and (residual.dtype != self.out_dtype or tuple(residual.shape) != (mp, self.np_)
                                      or not residual.is_contiguous()):
             raise ValueError(f"{self.name}: residual must be contiguous {self.out_dtype} [{mp}, {self.np_}]")
+        if x.data_ptr() % ALIGN or (residual is not None and residual.data_ptr() % ALIGN):
+            raise ValueError(f"{self.name}: input and residual must start on a {ALIGN}-byte boundary (the plan's "
+                             "descriptors promise cuSPARSELt that alignment)")
         y = torch.empty(mp, self.np_, dtype=self.out_dtype, device=x.device)
         beta, c = self._beta_c(residual, y)
         _cl().matmul(handle(), plan.plan, self.alpha.data_ptr(), self.w_c.data_ptr(), x.data_ptr(), beta, c,

@@ -251,7 +251,8 @@ class FusedBlocks(nn.Module):
         xr = x.reshape(m, c).to(torch.bfloat16)
         if (mp, cp) != (m, c):
             xr = F.pad(xr, (0, cp - c, 0, mp - m))
-        return xr.contiguous()
+        xr = xr.contiguous()
+        return xr if xr.data_ptr() % 16 == 0 else xr.clone()  # a view at an odd offset: the GEMMs need 16 B
 
     def run(self, xr: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
         """All blocks on the padded residual stream [Mp, Cp] (bf16) of ``batch`` x ``tokens`` rows."""
