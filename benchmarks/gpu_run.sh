@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script sent to the GPU machine (H200): install, GPU tests, benchmarks; logs to $OUT.
-#   bash benchmarks/gpu_run.sh STAGE...   stages: probe cifar kcases fusedcheck swincheck tests deit_b deit_ts small
-#                                         deit_b_model fp8 swin_t swin_sb tasks
+#   bash benchmarks/gpu_run.sh STAGE...   stages: probe cifar kcases fusedcheck swincheck taskcheck hfrepro swinprobe
+#                                         tests deit_b deit_ts small deit_b_model fp8 swin_t swin_sb tasks
 # Carry .whl (nvmath-python wheel) and .carry (cifar10-jpeg-20k.zip copied from ../shared/data).
 # Searched cuSPARSELt algorithm ids persist across calls via .carry/cslt_algs.json (carried).
 set -uo pipefail
@@ -44,6 +44,13 @@ PY
     fusedcheck)  # each fused kernel against its reference, quick (before the whole suite)
       timeout ${T_FC:-240} python3 -m pytest -m gpu tests/gpu/test_fused_gpu.py -q -s -p no:cacheprovider 2>&1 \
         | tee "$OUT/fusedcheck.txt" | grep -E "CORRECTNESS|passed|failed|Error|error|assert" | tee -a "$LOG"
+      ;;
+    hfrepro)  # the open fused Hugging Face Swin fault (benchmarks/repro_hf_swin_fault.py), each mode in its own process
+      for m in "eager up" "eager mr" "eagernc up" "nocompile up" "graphs up" "perlayer up"; do
+        case "$m" in eager*) env="PYTORCH_NO_CUDA_MEMORY_CACHING=1 CUDA_LAUNCH_BLOCKING=1" ;; *) env="" ;; esac
+        env $env timeout 60 python3 benchmarks/repro_hf_swin_fault.py $m 2>&1 | grep -E " OK | FAILED|File \"/|Error" \
+          | head -8 | tee -a "$LOG"
+      done
       ;;
     swinprobe)  # window-attention kernel configurations vs SDPA (Swin-T, batch 256)
       timeout 200 python3 benchmarks/swin_probe.py --json "$OUT/swin_probe.json" 2>&1 | tee -a "$LOG"
