@@ -214,9 +214,9 @@ class SparseGemm:
             c = torch.randn(mp, self.np_, device=self.device).to(self.out_dtype) if self.residual else None
             y = torch.empty(mp, self.np_, dtype=self.out_dtype, device=self.device)
             cl = _cl()
+            streams = _stream_array()  # a named array: its address must stay valid through the call
             cl.matmul_search(handle(), plan.plan, self.alpha.data_ptr(), self.w_c.data_ptr(), x.data_ptr(),
-                             *self._beta_c(c, y), y.data_ptr(), plan.workspace.data_ptr(),
-                             _stream_array().ctypes.data, 1)
+                             *self._beta_c(c, y), y.data_ptr(), plan.workspace.data_ptr(), streams.ctypes.data, 1)
             torch.cuda.synchronize()
             entry = plan.alg_attrs()
             plan.destroy()  # rebuilt with the chosen algorithm: its workspace may differ
@@ -253,8 +253,9 @@ class SparseGemm:
                              "descriptors promise cuSPARSELt that alignment)")
         y = torch.empty(mp, self.np_, dtype=self.out_dtype, device=x.device)
         beta, c = self._beta_c(residual, y)
+        streams = _stream_array()  # named: `_stream_array().ctypes.data` would point into a freed array
         _cl().matmul(handle(), plan.plan, self.alpha.data_ptr(), self.w_c.data_ptr(), x.data_ptr(), beta, c,
-                     y.data_ptr(), plan.workspace.data_ptr(), _stream_array().ctypes.data, 1)
+                     y.data_ptr(), plan.workspace.data_ptr(), streams.ctypes.data, 1)
         return y
 
     def report(self) -> dict:
