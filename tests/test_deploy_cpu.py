@@ -101,6 +101,21 @@ def test_bench_cli_refuses_without_gpu(capsys):
     assert "needs an NVIDIA GPU" in capsys.readouterr().err
 
 
+@no_cuda
+def test_deploy_warmup_cli_refuses_without_gpu(capsys):
+    """`gpusq deploy --warmup` says in one line that it needs a GPU (before building anything), and its
+    argument errors are argparse's one-liners."""
+    from gpusq.cli import main
+
+    assert main(["deploy", "--warmup", "--model", "deit_tiny_patch16_224", "--batch", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "needs an NVIDIA GPU" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:  # neither --checkpoint nor --model
+        main(["deploy", "--warmup"])
+    assert e.value.code == 2
+    assert main(["deploy", "--warmup", "--model", "deit_tiny_patch16_224", "--batch", "0"]) == 2
+
+
 def test_bench_bad_arguments():
     from gpusq.bench import _parse_batches
     from gpusq.cli import main

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stats": ("gpusq.stats", "parameters, size and bit-op accounting of a model under a recipe"),
     "recipes": ("gpusq.recipes", "list the shipped recipes"),
     "bench": ("gpusq.bench", "GPU speed: gpusq deployed vs FP32/TF32/BF16/FP8 baselines"),
+    "deploy": ("gpusq.deploy.warmup", "--warmup: search and cache a model's GPU kernels before serving it"),
     "export": ("gpusq.export", "export a compressed model (ONNX with Q/DQ and 2:4 weights)"),
 }
 

@@ -241,6 +241,26 @@ def _build_canvases(n: int, size: int) -> torch.Tensor:
         return torch.from_numpy(np.stack([np.asarray(Image.open(f)) for f in files]))
 
 
+def test_deploy_warmup_fills_the_algorithm_cache(tmp_path, monkeypatch, capsys):
+    """`gpusq deploy --warmup` searches the model's GEMM shapes once and keeps them on disk; a second run
+    finds nothing new to search."""
+    from gpusq.cli import main
+    from gpusq.deploy import cusparselt
+
+    monkeypatch.setenv("GPUSQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cusparselt, "_SEARCHED", {})
+    argv = ["deploy", "--warmup", "--model", "deit_tiny_patch16_224", "--model-args",
+            "img_size=32,patch_size=4,num_classes=10,depth=2", "--batch", "2,64"]
+    assert main(argv) == 0
+    first = capsys.readouterr().err
+    assert (tmp_path / "cslt_algs.json").is_file() and " 0 new GEMM" not in first
+    monkeypatch.setattr(cusparselt, "_SEARCHED", {})
+    assert main(argv) == 0
+    second = capsys.readouterr().err
+    print(f"CORRECTNESS deploy --warmup: {first.strip()} | then: {second.strip()}")
+    assert " 0 new GEMM shape(s) searched" in second
+
+
 class _Flat(torch.nn.Module):
     """A task model's output as one [B, -1] tensor: Mask R-CNN's FPN maps, UPerNet's backbone maps or
     its logits."""
