@@ -201,18 +201,15 @@ def _upernet_backbone(var, runner, batch: int, min_time: float, reps: int) -> di
 
 
 def _calibrated(model, recipe_quant, batch_x, sparse: bool, sparsity=None):
-    from gpusq.quant import calibrate, quantize_
-    from gpusq.sparsity import select_layers, sparsify_
+    """A copy of ``model`` with ``recipe_quant`` (on 2:4 masks when ``sparse``) applied and calibrated on
+    ``batch_x`` (``gpusq.prepare.prepare_``)."""
+    from gpusq.prepare import prepare_
+    from gpusq.recipes import Recipe
+    from gpusq.sparsity import SparsityConfig
 
     m = copy.deepcopy(model)
-    if sparse:
-        sparsify_(m, sparsity)
-        layers = None
-    else:
-        layers = select_layers(m).selected
-    if recipe_quant.weight.enabled or recipe_quant.act.enabled:
-        quantize_(m, recipe_quant, layers=layers)
-        calibrate(m, lambda mm: mm(batch_x))
+    sp = (sparsity or SparsityConfig()) if sparse else SparsityConfig(pattern="none")
+    prepare_(m, Recipe(sparsity=sp, quant=recipe_quant), calibrate_fn=lambda mm: mm(batch_x))
     return m.eval()
 
 

@@ -257,15 +257,21 @@ class QuantConfig:
     act: QuantSpec
 
 
-def quantize_(model: nn.Module, config: QuantConfig, layers: list[str] | None = None) -> list[str]:
+def quantize_(model: nn.Module, config: QuantConfig, layers: list[str] | None = None,
+              filter_fn=None) -> list[str]:
     """Attach fake quantizers to compressed layers in place (torchao-style ``quantize_``).
 
-    ``layers``: names to quantize; by default every layer ``sparsify_`` compressed, or, on a model
-    never sparsified, the default GEMM selection. Activation scales need ``calibrate`` next.
+    ``layers``: names to quantize; or ``filter_fn(name, module)``, the same selection ``sparsify_``
+    takes; by default every layer ``sparsify_`` compressed, or, on a model never sparsified, the
+    default GEMM selection. Activation scales need ``calibrate`` next.
     """
     from gpusq.layers import compressed_layers, ensure_compressed
     from gpusq.sparsity import select_layers
 
+    if layers is not None and filter_fn is not None:
+        raise ValueError("pass layers or filter_fn, not both")
+    if filter_fn is not None:  # (a layer sparsify_ swapped is still a Linear / Conv2d: selected alike)
+        layers = select_layers(model, filter_fn=filter_fn).selected
     if layers is None:
         layers = list(compressed_layers(model)) or select_layers(model).selected
     for layer in ensure_compressed(model, layers).values():

@@ -13,7 +13,7 @@ travel with ``state_dict`` and are applied inside ``forward`` (thus also under `
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -83,15 +83,20 @@ def gemm_in_features(module: nn.Module) -> int:
     raise TypeError(type(module).__name__)
 
 
+FilterFn = Callable[[str, nn.Module], bool]
+
+
 def select_layers(
     model: nn.Module,
     include: Sequence[str] = DEFAULT_INCLUDE,
     exclude: Sequence[str] = (),
+    filter_fn: FilterFn | None = None,
 ) -> LayerSelection:
     """Pick the GEMM-shaped layers to compress: Linear (and groups=1 Conv2d) matching ``include``.
 
     Heads (``DEFAULT_EXCLUDE``) and user ``exclude`` patterns stay dense; a layer whose input
-    dimension is not a multiple of 4 cannot be 2:4 and is reported in ``skipped``.
+    dimension is not a multiple of 4 cannot be 2:4 and is reported in ``skipped``. ``filter_fn(name,
+    module)`` (torchao's selection style), when given, decides instead of the patterns.
     """
     inc = [re.compile(p) for p in include]
     exc = [re.compile(p) for p in (*DEFAULT_EXCLUDE, *exclude)]
@@ -99,9 +104,12 @@ def select_layers(
     skipped: dict[str, str] = {}
     for name, mod in model.named_modules():
         is_gemm = isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1)
-        if not is_gemm or not any(p.search(name) for p in inc):
+        if not is_gemm:
             continue
-        if any(p.search(name) for p in exc):
+        if filter_fn is not None:
+            if not filter_fn(name, mod):
+                continue
+        elif not any(p.search(name) for p in inc) or any(p.search(name) for p in exc):
             continue
         k = gemm_in_features(mod)
         if k % 4:
@@ -125,13 +133,15 @@ def check_2to4(model: nn.Module) -> dict[str, bool]:
     }
 
 
-def sparsify_(model: nn.Module, config: SparsityConfig | None = None) -> LayerSelection:
+def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
+              filter_fn: FilterFn | None = None) -> LayerSelection:
     """Prune the selected layers of ``model`` to 2:4 in place (magnitude masks), swapping each for
-    a compressed layer that keeps enforcing its mask. Returns what was selected and skipped."""
+    a compressed layer that keeps enforcing its mask. Returns what was selected and skipped.
+    ``filter_fn(name, module)`` selects instead of ``config``'s include/exclude patterns."""
     from gpusq.layers import ensure_compressed
 
     config = config or SparsityConfig()
-    sel = select_layers(model, config.include, config.exclude)
+    sel = select_layers(model, config.include, config.exclude, filter_fn)
     layers = ensure_compressed(model, sel.selected)
     if config.pattern == "2:4":
         for layer in layers.values():

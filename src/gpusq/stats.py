@@ -46,14 +46,12 @@ def compress_for_accounting_(model: nn.Module, recipe: Recipe) -> nn.Module:
     Weight clip search (``calib: mse``) is skipped: it changes scale values, never what is stored,
     and costs seconds on a base model.
     """
-    from gpusq.quant import QuantConfig, quantize_
-    from gpusq.sparsity import sparsify_
+    from gpusq.prepare import prepare_
+    from gpusq.quant import QuantConfig
 
-    sparsify_(model, recipe.sparsity)
-    if recipe.quantized:
-        w, a = recipe.quant.weight, recipe.quant.act
-        cfg = QuantConfig(dataclasses.replace(w, calib="max"), dataclasses.replace(a, calib="max"))
-        quantize_(model, cfg)
+    w, a = recipe.quant.weight, recipe.quant.act
+    cfg = QuantConfig(dataclasses.replace(w, calib="max"), dataclasses.replace(a, calib="max"))
+    prepare_(model, dataclasses.replace(recipe, quant=cfg))
     return model
 
 
