@@ -206,3 +206,21 @@ def test_malicious_pickle_is_refused(capsys, tmp_path, folder):
     torch.save({"model": timm.create_model(MODEL, **KWD).state_dict()}, tmp_path / "ok.pth")
     assert main(["eval", "--checkpoint", str(tmp_path / "ok.pth"), "--model", MODEL, "--model-arg", KW,
                  "--data", str(folder), *FAST]) == 0
+
+
+def test_internal_errors_are_not_user_errors(monkeypatch, capsys):
+    """A broken invariant is an InternalError: the CLI says it is a bug and shows the traceback (re-raises),
+    unlike a GpusqError's one line and exit code 2."""
+    import gpusq.stats
+    from gpusq.cli import main
+    from gpusq.errors import GpusqError, InternalError
+
+    assert not issubclass(InternalError, GpusqError)
+
+    def boom(argv, prog, command):
+        raise InternalError("2:4 pattern broken")
+
+    monkeypatch.setattr(gpusq.stats, "cli_main", boom)
+    with pytest.raises(InternalError):
+        main(["stats", "--model", "deit_tiny_patch16_224"])
+    assert "internal error (a bug in gpusq" in capsys.readouterr().err

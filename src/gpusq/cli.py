@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, torch.cuda.OutOfMemoryError):
             print(f"gpusq {cmd}: error: GPU out of memory; try a smaller --batch-size", file=sys.stderr)
             return 3
+        from gpusq.errors import InternalError
+
+        if isinstance(e, InternalError):  # a bug: say so, then the traceback
+            print(f"gpusq {cmd}: internal error (a bug in gpusq, please report it with the traceback below): {e}",
+                  file=sys.stderr)
         raise
 
 

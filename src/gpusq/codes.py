@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gpusq.errors import InternalError
+
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """int8 codes in [-8, 7], last dim even -> uint8 with last dim halved."""
@@ -158,5 +160,5 @@ def layer_codes(layer: nn.Module) -> LayerCodes:
         return stored
     c = _compute_codes(layer)
     if not _reproduces(c, layer):
-        raise RuntimeError(f"internal: {c.w_fmt} codes do not reproduce the layer's effective weight")
+        raise InternalError(f"{c.w_fmt} codes do not reproduce the layer's effective weight")
     return c

@@ -12,6 +12,10 @@ class GpusqError(Exception):
     exit_code = 2
 
 
+class InternalError(RuntimeError):
+    """A broken invariant inside gpusq: a bug, not bad input. The CLI shows its traceback."""
+
+
 def close_matches(word: str, choices: Iterable[str], n: int = 5) -> str:
     """A ', '-joined list of the choices closest to ``word`` (empty if none is close)."""
     return ", ".join(difflib.get_close_matches(word, list(choices), n=n, cutoff=0.5))

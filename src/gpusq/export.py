@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gpusq.errors import GpusqError
+from gpusq.errors import GpusqError, InternalError
 from gpusq.layers import CompressedConv2d, CompressedLayer, CompressedLinear, compressed_layers
 
 MIN_OPSET, MAX_OPSET = 17, 21
@@ -402,7 +402,7 @@ def export_onnx(
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:  # noqa: BLE001 - onnx raises several types
-        raise GpusqError(f"internal: exported graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+        raise InternalError(f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}") from e
     data = proto.SerializeToString()
     atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
     return ExportResult(out, opset, len(layers), wfmts, afmts, qdq_summary(proto), fallbacks)

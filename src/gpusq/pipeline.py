@@ -33,7 +33,7 @@ from gpusq.checkpoint import (
 from gpusq.classes import check_classes, check_same_split_classes, head_size, recorded_classes
 from gpusq.data import Batches, DataInfo, build_dataset, cache_in_memory, prepare_batch
 from gpusq.distill import DistillationLoss, feature_layers, layer_weights, measure_feature_errors
-from gpusq.errors import GpusqError
+from gpusq.errors import GpusqError, InternalError
 from gpusq.models import create_model, load_state_file, load_weights_, model_input_size, parse_model_kwargs
 from gpusq.outdir import check_out_dir
 from gpusq.quant import calibrate, quantize_
@@ -365,7 +365,7 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
     report["history"] = {"stage1": hist1, "stage2": hist2}
     bad = [n for n, ok in check_2to4(student).items() if not ok]
     if recipe.sparse and bad:
-        raise GpusqError(f"internal check failed: 2:4 pattern broken in {bad[:3]}")
+        raise InternalError(f"2:4 pattern broken in {bad[:3]} after training")
     report["processes"] = D.world()
     if main:  # stats first: a failure there must not leave a model without its report
         from gpusq.report import write_report_md

@@ -35,7 +35,7 @@ from torch import nn
 from gpusq.checkpoint import atomic_write, atomic_write_text, load_compressed, stored_model, write_compressed
 from gpusq.classes import check_classes, check_same_classes
 from gpusq.distill import FeatureHooks, feature_layers, feature_loss, layer_weights_from_distortion, soft_loss
-from gpusq.errors import GpusqError, close_matches
+from gpusq.errors import GpusqError, InternalError, close_matches
 from gpusq.models import parse_model_kwargs
 from gpusq.outdir import check_out_dir
 from gpusq.quant import calibrate, quantize_
@@ -633,7 +633,7 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
     student.eval()
     ok = check_2to4(student)
     if recipe.sparse and not all(ok.values()):
-        raise RuntimeError(f"2:4 pattern lost in {[n for n, v in ok.items() if not v]}")  # a bug, not user input
+        raise InternalError(f"2:4 pattern lost in {[n for n, v in ok.items() if not v]}")
     # metrics of the model as stored (codes + bf16 dense tensors): `gpusq eval` of the output reproduces them
     stored, stored_state, stored_meta = stored_model(student, recipe, info["model"], info["model_kwargs"],
                                                      classes=names)
