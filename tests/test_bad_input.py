@@ -224,3 +224,14 @@ def test_internal_errors_are_not_user_errors(monkeypatch, capsys):
     with pytest.raises(InternalError):
         main(["stats", "--model", "deit_tiny_patch16_224"])
     assert "internal error (a bug in gpusq" in capsys.readouterr().err
+
+
+def test_task_is_a_listed_choice(capsys):
+    """`gpusq compress --help` lists --task and its choices; a wrong task is one line with close matches."""
+    from gpusq.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    assert "--task {classification,detection,segmentation}" in capsys.readouterr().out
+    assert main(["compress", "--task", "detectoin", "--teacher", "t", "--data", "d", "--out", "o"]) == 2
+    assert "detection" in capsys.readouterr().err

@@ -518,6 +518,10 @@ def _run_writing(out: str, clear, fn):
 
 def _cli_main(argv: list[str], prog: str, command: str) -> int:
     ap = argparse.ArgumentParser(prog=prog)
+    # (read by cli_main before this parser: listed here so that --help shows it)
+    ap.add_argument("--task", choices=("classification", "detection", "segmentation"), default="classification",
+                    help="classification (default, the options below); detection / segmentation take their own "
+                         f"options: gpusq {command} --task detection --help")
     if command == "train":
         ap.description = "Train a dense model from scratch (or fine-tune --init) and write DIR/model.safetensors."
         _model_args(ap)
