@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import sys
@@ -80,12 +79,13 @@ def _parse_hw(text: str | None) -> tuple[int, int] | None:
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
+    from gpusq.cli.args import add_json, add_model_arg
+
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="deit_base_patch16_224",
                     help="timm model name(s), comma-separated (default deit_base_patch16_224)")
-    ap.add_argument("--model-args", action="append", default=[], metavar="K=V[,K=V]",
-                    help="timm create_model keyword arguments")
+    add_model_arg(ap, "timm create_model keyword (repeatable, or comma-separated)")
     ap.add_argument("--input-size", default=None, metavar="H,W",
                     help="image size for detection/segmentation models (default 800,1344 for Mask R-CNN, "
                          "512,512 for UPerNet)")
@@ -106,7 +106,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                          "attention; default off, as gpusq.deploy: slower on the H100)")
     ap.add_argument("--min-time", type=float, default=0.02, help="seconds per timing sample (default 0.02)")
     ap.add_argument("--reps", type=int, default=15, help="timing samples per measurement (median reported)")
-    ap.add_argument("--json", metavar="FILE", help="write all results as JSON")
+    add_json(ap, "all results (environment, timings, profiles, kernel choices)")
     ap.add_argument("--plot", metavar="FILE", help="write a plot (PNG) of the results")
     ap.add_argument("--profile", action="store_true", help="per-op GPU time breakdown at the largest batch")
     return ap
@@ -454,7 +454,7 @@ def cli_main(argv: list[str], prog: str = "gpusq bench", command: str = "bench")
     import torch
 
     recipe = load_recipe(args.recipe)
-    kwargs = parse_model_kwargs(args.model_args)
+    kwargs = parse_model_kwargs(args.model_arg)
     torch.manual_seed(0)
     rows: list[dict] = []
     profiles: dict = {}
@@ -551,15 +551,14 @@ def cli_main(argv: list[str], prog: str = "gpusq bench", command: str = "bench")
                 kinds[tag] = kinds.get(tag, 0) + 1
         print(f"kernels {key}: " + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())))
     if args.json:
-        from gpusq.checkpoint import atomic_write_text
+        from gpusq.cli.args import emit_json
         from gpusq.deploy.cusparselt import cusparselt_version
 
         env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "cusparselt": cusparselt_version(), "nvmath": _version("nvmath-python"),
                "triton": _version("triton"), "timm": _version("timm"), "argv": ["gpusq", command, *argv]}
-        atomic_write_text(args.json, json.dumps({"env": env, "results": rows, "profiles": profiles,
-                                                 "kernels": kernels, "setup": setup,
-                                                 "cslt_algs": searched_algs()}, indent=1, default=str))
+        emit_json({"env": env, "results": rows, "profiles": profiles, "kernels": kernels, "setup": setup,
+                   "cslt_algs": searched_algs()}, args.json, indent=1)
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot(rows, args.plot)

@@ -31,6 +31,7 @@ from gpusq.checkpoint import (
     write_compressed,
 )
 from gpusq.classes import check_classes, check_same_split_classes, head_size, recorded_classes
+from gpusq.cli.args import add_json, add_model_arg, emit_json
 from gpusq.data import Batches, DataInfo, build_dataset, cache_in_memory, prepare_batch
 from gpusq.distill import DistillationLoss, feature_layers, layer_weights, measure_feature_errors
 from gpusq.errors import GpusqError, InternalError
@@ -442,8 +443,7 @@ def _data_args(ap: argparse.ArgumentParser) -> None:
 
 def _model_args(ap: argparse.ArgumentParser, required: bool = False) -> None:
     ap.add_argument("--model", required=required, help="timm model name, e.g. deit_tiny_patch16_224")
-    ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                    help="timm keyword override, e.g. img_size=32 (repeatable, or comma-separated)")
+    add_model_arg(ap, "timm keyword override, e.g. img_size=32 (repeatable, or comma-separated)")
 
 
 def _out_args(ap: argparse.ArgumentParser) -> None:
@@ -534,7 +534,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.add_argument("--label-smoothing", type=float, default=0.1)
         _out_args(ap)
         ap.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-        ap.add_argument("--json", action="store_true")
+        add_json(ap, "the final metrics")
         a = ap.parse_args(argv)
         d = _data_opts(a)
         clear = check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
@@ -559,7 +559,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps")
         ap.add_argument("--stage1-from", default=None, help="reuse the stage1/ dir of an earlier run")
         ap.add_argument("--compile", action="store_true", help="torch.compile student and teacher for training")
-        ap.add_argument("--json", action="store_true")
+        add_json(ap, "the final and the teacher's metrics")
         a = ap.parse_args(argv)
         d = _data_opts(a)
         clear = check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
@@ -575,9 +575,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
             device=_device(a), ckpt_every=a.ckpt_every, stage1_from=a.stage1_from, compile=a.compile))
         if not D.is_main():
             return 0
-        if a.json:
-            print(json.dumps({"metrics": rep["metrics"], "teacher_metrics": rep["teacher_metrics"]}))
-        else:
+        if not emit_json({"metrics": rep["metrics"], "teacher_metrics": rep["teacher_metrics"]}, a.json):
             t, m = rep["teacher_metrics"], rep["metrics"]
             print(f"teacher top-1 {t['top1']:.2f}  →  {recipe.name} top-1 {m['top1']:.2f} "
                   f"(top-5 {m['top5']:.2f}); size {rep['stats']['size_ratio']:.2f}x smaller, "
@@ -588,7 +586,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.add_argument("--checkpoint", required=True)
         _model_args(ap)
         _data_args(ap)
-        ap.add_argument("--json", action="store_true")
+        add_json(ap, "the metrics")
         a = ap.parse_args(argv)
         m = eval_checkpoint(a.checkpoint, _data_opts(a), a.model, parse_model_kwargs(a.model_arg),
                             _device(a))
@@ -598,9 +596,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
     raise GpusqError(f"unknown command {command}")
 
 
-def _print_metrics(m: dict, as_json: bool, note: str = "") -> None:
-    if as_json:
-        print(json.dumps(m))
-    else:
+def _print_metrics(m: dict, json_dest: str | None, note: str = "") -> None:
+    if not emit_json(m, json_dest):
         print(f"top-1 {m['top1']:.2f}  top-5 {m['top5']:.2f}  ({m['images']} images)" + (f"; {note}" if note else ""),
               file=sys.stdout)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import re
 from typing import Any
 
@@ -312,6 +311,7 @@ def checkpoint_stats(path: str) -> dict[str, Any]:
 
 
 def cli_main(argv: list[str], prog: str = "gpusq stats", command: str = "stats") -> int:
+    from gpusq.cli.args import add_json, add_model_arg, emit_json
     from gpusq.models import parse_model_kwargs
 
     ap = argparse.ArgumentParser(
@@ -324,16 +324,15 @@ def cli_main(argv: list[str], prog: str = "gpusq stats", command: str = "stats")
     src.add_argument("--checkpoint", metavar="DIR",
                      help="a gpusq compress output (classification, detection or segmentation): counts the "
                           "model as stored and reports its model.safetensors size beside the accounting")
-    ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VAL",
-                    help="timm create_model keyword (repeatable), e.g. img_size=32")
+    add_model_arg(ap, "timm create_model keyword (repeatable, or comma-separated), e.g. img_size=32")
     ap.add_argument("--recipe", default="int8",
                     help="recipe name or YAML file; several names separated by commas (default: int8)")
-    ap.add_argument("--json", action="store_true",
-                    help="print JSON: one object, or a list when several models/recipes are given")
+    add_json(ap, "one object, or a list when several models/recipes are given,")
     args = ap.parse_args(argv)
     if args.checkpoint:
         row = checkpoint_stats(args.checkpoint)
-        print(json.dumps(row, indent=2) if args.json else format_table([row]))
+        if not emit_json(row, args.json, indent=2):
+            print(format_table([row]))
         return 0
     kwargs = parse_model_kwargs(args.model_arg)
     models = [m.strip() for m in args.model.split(",") if m.strip()]
@@ -344,8 +343,6 @@ def cli_main(argv: list[str], prog: str = "gpusq stats", command: str = "stats")
         raise GpusqError("--recipe is empty")
     recipes = [load_recipe(r) for r in recipe_names]  # fail on a bad name before any model work
     rows = [stats(m, r, **kwargs) for m in models for r in recipes]
-    if args.json:
-        print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
-    else:
+    if not emit_json(rows[0] if len(rows) == 1 else rows, args.json, indent=2):
         print(format_table(rows))
     return 0

@@ -16,12 +16,13 @@ import time
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
+    from gpusq.cli.args import add_model_arg
+
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="DIR", help="a gpusq compress output directory")
     src.add_argument("--model", help="a timm model name (random weights, compressed with --recipe)")
-    ap.add_argument("--model-args", action="append", default=[], metavar="K=V[,K=V]",
-                    help="timm create_model keyword arguments (with --model)")
+    add_model_arg(ap, "timm create_model keyword with --model (repeatable, or comma-separated)")
     ap.add_argument("--recipe", default="int8", help="recipe for --model (default int8)")
     ap.add_argument("--batch", default="1,256", help="batch sizes to prepare, comma-separated (default 1,256)")
     ap.add_argument("--fused", default="auto", choices=("auto", "on", "off"),
@@ -52,7 +53,7 @@ def cli_main(argv: list[str], prog: str = "gpusq deploy", command: str = "deploy
         from gpusq.recipes import load_recipe
 
         recipe = load_recipe(args.recipe)
-        base = create_model(args.model, **parse_model_kwargs(args.model_args)).eval()
+        base = create_model(args.model, **parse_model_kwargs(args.model_arg)).eval()
         size = model_input_size(base)
         calib = torch.randn(8, *size, generator=torch.Generator().manual_seed(1)).to(dev)
         fq = _calibrated(base.to(dev), recipe.quant, calib, sparse=recipe.sparse, sparsity=recipe.sparsity)

@@ -34,6 +34,7 @@ from torch import nn
 
 from gpusq.checkpoint import atomic_write, atomic_write_text, load_compressed, stored_model, write_compressed
 from gpusq.classes import check_classes, check_same_classes
+from gpusq.cli.args import add_json, emit_json
 from gpusq.distill import FeatureHooks, feature_layers, feature_loss, layer_weights_from_distortion, soft_loss
 from gpusq.errors import GpusqError, InternalError, close_matches
 from gpusq.models import parse_model_kwargs
@@ -672,7 +673,7 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", action="store_true")
+    add_json(ap, "the metrics")
     ap.add_argument("--resume", action="store_true", help="train/compress: continue an interrupted run in --out")
     ap.add_argument("--overwrite", action="store_true", help="train/compress: replace the gpusq output in --out "
                     "(its files are removed when the run starts; other files are kept)")
@@ -700,8 +701,8 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         cfg = StageConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size or 8, min_lr=a.lr * 0.01)
         rep = train_dense_task(t.name, a.model, parse_model_kwargs(a.model_arg), a.data, a.out, val_data=a.val_data,
                                cfg=cfg, seed=a.seed, device=_device(a), resume=a.resume)
-        print(json.dumps({"metrics": rep["metrics"]}) if a.json
-              else f"{t.summary(rep['metrics'])}; dense {t.name} model written to {a.out}")
+        if not emit_json({"metrics": rep["metrics"]}, a.json):
+            print(f"{t.summary(rep['metrics'])}; dense {t.name} model written to {a.out}")
         return 0
     if command == "compress":
         ap.add_argument("--teacher", required=True,
@@ -727,9 +728,7 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
                             model_kwargs=parse_model_kwargs(a.model_arg), val_data=a.val_data,
                             batch_size=a.batch_size, seed=a.seed, device=_device(a), resume=a.resume)
         t = task_spec(task, rep["model"])
-        if a.json:
-            print(json.dumps({k: rep[k] for k in ("metrics", "teacher_metrics", "compressed_layers")}))
-        else:
+        if not emit_json({k: rep[k] for k in ("metrics", "teacher_metrics", "compressed_layers")}, a.json):
             print(f"teacher {t.summary(rep['teacher_metrics'])}  →  {recipe.name} {t.summary(rep['metrics'])}; "
                   f"{len(rep['compressed_layers'])} layers compressed; written to {a.out}")
         return 0
@@ -747,7 +746,8 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         if "label_to_cat" in info and ds.label_to_cat != {int(k): v for k, v in info["label_to_cat"].items()}:
             raise GpusqError(f"the category ids of {a.data} differ from the checkpoint's ({a.checkpoint})")
         m = evaluate_task(t, model, ds, a.batch_size or 8)
-        print(json.dumps(m) if a.json else f"{t.summary(m)}  ({m['images']} images)", file=sys.stdout)
+        if not emit_json(m, a.json):
+            print(f"{t.summary(m)}  ({m['images']} images)", file=sys.stdout)
         return 0
     raise GpusqError(f"--task is not supported by gpusq {command}")
 
