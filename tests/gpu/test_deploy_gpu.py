@@ -249,7 +249,7 @@ def test_deploy_warmup_fills_the_algorithm_cache(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("GPUSQ_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cusparselt, "_SEARCHED", {})
-    argv = ["deploy", "--warmup", "--model", "deit_tiny_patch16_224", "--model-args",
+    argv = ["deploy", "--warmup", "--model", "deit_tiny_patch16_224", "--model-arg",
             "img_size=32,patch_size=4,num_classes=10,depth=2", "--batch", "2,64"]
     assert main(argv) == 0
     first = capsys.readouterr().err
