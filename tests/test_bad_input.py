@@ -211,7 +211,7 @@ def test_malicious_pickle_is_refused(capsys, tmp_path, folder):
 def test_internal_errors_are_not_user_errors(monkeypatch, capsys):
     """A broken invariant is an InternalError: the CLI says it is a bug and shows the traceback (re-raises),
     unlike a GpusqError's one line and exit code 2."""
-    import gpusq.stats
+    import gpusq.cli.stats
     from gpusq.cli import main
     from gpusq.errors import GpusqError, InternalError
 
@@ -220,7 +220,7 @@ def test_internal_errors_are_not_user_errors(monkeypatch, capsys):
     def boom(argv, prog, command):
         raise InternalError("2:4 pattern broken")
 
-    monkeypatch.setattr(gpusq.stats, "cli_main", boom)
+    monkeypatch.setattr(gpusq.cli.stats, "cli_main", boom)
     with pytest.raises(InternalError):
         main(["stats", "--model", "deit_tiny_patch16_224"])
     assert "internal error (a bug in gpusq" in capsys.readouterr().err

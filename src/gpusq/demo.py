@@ -8,7 +8,6 @@ KD fine-tuning, which *is* the ``sparse`` result); ``int8`` and ``int4`` each ad
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -16,7 +15,6 @@ from pathlib import Path
 import torch
 
 from gpusq.checkpoint import atomic_write_text
-from gpusq.outdir import DEMO_ENTRIES, check_out_dir, is_demo_output
 from gpusq.pipeline import DataOptions, compress, resolve_model, train_dense
 from gpusq.recipes import load_recipe
 
@@ -75,20 +73,3 @@ def format_table(summary: dict) -> str:
             lines.append(f"{k:<10}{s['top1']:>8.2f}{s['top5']:>8.2f}{s['top1'] - t1:>+8.2f}"
                          f"{s['size_ratio']:>9.2f}{s['bitops_ratio']:>11.1f}")
     return "\n".join(lines)
-
-
-def cli_main(argv: list[str], prog: str = "gpusq demo", command: str = "demo") -> int:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="gpusq-demo", help="new or empty directory (or see --overwrite)")
-    ap.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs in --out")
-    ap.add_argument("--teacher-epochs", type=float, default=40)
-    ap.add_argument("--stage1-epochs", type=float, default=3)
-    ap.add_argument("--stage2-epochs", type=float, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    a = ap.parse_args(argv)
-    clear = check_out_dir(a.out, overwrite=a.overwrite, entries=DEMO_ENTRIES, recognise=is_demo_output,
-                          what="a gpusq demo output", can_resume=False)
-    clear()
-    run_demo(a.out, a.teacher_epochs, a.stage1_epochs, a.stage2_epochs, seed=a.seed, progress=not a.quiet)
-    return 0

@@ -250,17 +250,3 @@ def parse_override(text: str) -> dict:
         cur = cur.setdefault(p, {})
     cur[parts[-1]] = yaml.safe_load(value)
     return out
-
-
-def cli_main(argv: list[str], prog: str = "gpusq recipes", command: str = "recipes") -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog=prog, description="List the shipped recipes, or print one as YAML.")
-    ap.add_argument("name", nargs="?", help="a recipe to print in full")
-    args = ap.parse_args(argv)
-    if args.name:
-        print(yaml.safe_dump(load_recipe(args.name).to_dict(), sort_keys=False), end="")
-        return 0
-    for n in list_recipes():
-        print(f"{n:<8} {load_recipe(n).description}")
-    return 0

@@ -1,7 +1,9 @@
 """The ``gpusq`` command: a thin dispatcher over the Python API.
 
-Each subcommand lives in the module of its idea and exposes ``cli_main(argv, prog) -> int``;
-modules are imported only when their command runs, so ``gpusq --help`` stays fast.
+Each subcommand is a module of this package (``gpusq.cli.<command>``, argument parsing and printing
+only) exposing ``cli_main(argv, prog, command) -> int`` over the library's functions; modules are
+imported only when their command runs, so ``gpusq --help`` stays fast. ``gpusq.cli.args`` holds the
+spellings every command shares.
 """
 
 from __future__ import annotations
@@ -12,15 +14,15 @@ import sys
 from gpusq.errors import GpusqError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("gpusq.demo", "offline end-to-end demo on MNIST-5k (train teacher, compress sparse/int8/int4)"),
+    "demo": ("gpusq.cli.demo", "offline end-to-end demo on MNIST-5k (train teacher, compress sparse/int8/int4)"),
     "train": ("gpusq.pipeline", "train or fine-tune a dense model (a teacher)"),
     "compress": ("gpusq.pipeline", "GPUSQ: 2:4 prune + KD fine-tune, then sparse-aware QAT with KD"),
     "eval": ("gpusq.pipeline", "top-1/top-5 of a checkpoint on a dataset"),
-    "stats": ("gpusq.stats", "parameters, size and bit-op accounting of a model under a recipe"),
-    "recipes": ("gpusq.recipes", "list the shipped recipes"),
+    "stats": ("gpusq.cli.stats", "parameters, size and bit-op accounting of a model under a recipe"),
+    "recipes": ("gpusq.cli.recipes", "list the shipped recipes"),
     "bench": ("gpusq.bench", "GPU speed: gpusq deployed vs FP32/TF32/BF16/FP8 baselines"),
-    "deploy": ("gpusq.deploy.warmup", "--warmup: search and cache a model's GPU kernels before serving it"),
-    "export": ("gpusq.export", "export a compressed model (ONNX with Q/DQ and 2:4 weights)"),
+    "deploy": ("gpusq.cli.deploy", "--warmup: search and cache a model's GPU kernels before serving it"),
+    "export": ("gpusq.cli.export", "export a compressed model (ONNX with Q/DQ and 2:4 weights)"),
 }
 
 

@@ -1,0 +1,57 @@
+"""``gpusq export``: ONNX with explicit Q/DQ and 2:4 weights, optionally verified in onnxruntime (``gpusq.export``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gpusq.errors import GpusqError
+from gpusq.export import MAX_OPSET, MIN_OPSET, export_onnx, load_model, verify
+
+
+def cli_main(argv: list[str], prog: str = "gpusq export", command: str = "export") -> int:  # noqa: ARG001
+    ap = argparse.ArgumentParser(prog=prog, description="Export a gpusq compressed model to ONNX with "
+                                 "explicit Q/DQ (TensorRT explicit quantization) and 2:4 sparse weights.")
+    ap.add_argument("--checkpoint", required=True, help="a `gpusq compress` output directory")
+    ap.add_argument("--format", default="onnx", choices=["onnx"])
+    ap.add_argument("--out", required=True, help="output .onnx file")
+    ap.add_argument("--opset", type=int, default=None,
+                    help=f"{MIN_OPSET}..{MAX_OPSET} (default: 21 with int4 weights, 19 with fp8, else 17)")
+    ap.add_argument("--verify", metavar="DATA", default=None,
+                    help="compare onnxruntime with PyTorch on DATA: 'random', 'mnist5k', "
+                    "an ImageFolder dir or .zip")
+    ap.add_argument("--verify-samples", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=32, help="batch size of the verification")
+    args = ap.parse_args(argv)
+    if args.verify_samples <= 0 or args.batch_size <= 0:
+        raise GpusqError("--verify-samples and --batch-size must be > 0")
+    model = load_model(args.checkpoint)
+    if args.verify and args.verify != "random":  # the checkpoint's classes must be the data's (gpusq.classes)
+        from gpusq.classes import check_classes, head_size, recorded_classes
+        from gpusq.data import build_dataset
+        from gpusq.models import model_input_size
+
+        _, info = build_dataset(args.verify, "val", model_input_size(model))
+        check_classes(recorded_classes(args.checkpoint), head_size(model), info.classes,
+                      who=f"checkpoint {args.checkpoint}", data=args.verify)
+    res = export_onnx(model, args.out, opset=args.opset)
+    print(f"wrote {res.path}  opset {res.opset}  {res.layers} compressed layers  "
+          f"weights {res.weight_formats}  inputs {res.act_formats}")
+    print(f"Q/DQ: {res.qdq['QuantizeLinear']} QuantizeLinear, {res.qdq['DequantizeLinear']} DequantizeLinear "
+          f"({res.qdq['weight_dq']} weight DQ + {res.qdq['act_qdq']} activation Q/DQ pairs)")
+    if res.fallbacks:
+        print(f"fallback: {res.fallbacks[0]}" + (f" (and {len(res.fallbacks) - 1} more layers)"
+                                                  if len(res.fallbacks) > 1 else ""))
+    if args.verify:
+        r = verify(model, res.path, args.verify, n=args.verify_samples, batch_size=args.batch_size, floor=True)
+        print(f"onnxruntime vs PyTorch on {args.verify} ({r['n']} images): top-1 agreement "
+              f"{100 * r['top1_agree']:.2f}%  logits rel. error {r['rel_err']:.2e}  "
+              f"max abs {r['max_abs_err']:.2e}")
+        if "torch_top1" in r:
+            print(f"accuracy on the labels: PyTorch {100 * r['torch_top1']:.2f}%  "
+                  f"onnxruntime {100 * r['ort_top1']:.2f}%")
+        print(f"noise floor, PyTorch vs itself: fused vs math SDPA: top-1 agreement "
+              f"{100 * r['floor_top1_agree']:.2f}%, rel. error {r['floor_rel_err']:.2e};  input x (1 + 1e-6 noise): "
+              f"top-1 agreement {100 * r['noise_top1_agree']:.2f}%, rel. error {r['noise_rel_err']:.2e}")
+    sys.stdout.flush()
+    return 0
