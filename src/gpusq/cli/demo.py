@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gpusq import demo
-from gpusq.demo import DEMO_ENTRIES, is_demo_output, run_demo
-from gpusq.outdir import check_out_dir
+from gpusq.outdir import DEMO_ENTRIES, check_out_dir, is_demo_output
 
 
 def cli_main(argv: list[str], prog: str = "gpusq demo", command: str = "demo") -> int:
@@ -22,5 +21,5 @@ def cli_main(argv: list[str], prog: str = "gpusq demo", command: str = "demo") -
     clear = check_out_dir(a.out, overwrite=a.overwrite, entries=DEMO_ENTRIES, recognise=is_demo_output,
                           what="a gpusq demo output", can_resume=False)
     clear()
-    run_demo(a.out, a.teacher_epochs, a.stage1_epochs, a.stage2_epochs, seed=a.seed, progress=not a.quiet)
+    demo.run_demo(a.out, a.teacher_epochs, a.stage1_epochs, a.stage2_epochs, seed=a.seed, progress=not a.quiet)
     return 0
