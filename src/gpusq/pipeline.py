@@ -7,11 +7,9 @@ feature terms weighted per layer by stage-1 distortion) → ``DIR/model.safetens
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,14 +29,12 @@ from gpusq.checkpoint import (
     write_compressed,
 )
 from gpusq.classes import check_classes, check_same_split_classes, head_size, recorded_classes
-from gpusq.cli.args import add_json, add_model_arg, emit_json
 from gpusq.data import Batches, DataInfo, build_dataset, cache_in_memory, prepare_batch
 from gpusq.distill import DistillationLoss, feature_layers, layer_weights, measure_feature_errors
 from gpusq.errors import GpusqError, InternalError
-from gpusq.models import create_model, load_state_file, load_weights_, model_input_size, parse_model_kwargs
-from gpusq.outdir import check_out_dir
+from gpusq.models import create_model, load_state_file, load_weights_, model_input_size
 from gpusq.quant import calibrate, quantize_
-from gpusq.recipes import Recipe, StageConfig, load_recipe, parse_override
+from gpusq.recipes import Recipe, StageConfig
 from gpusq.sparsity import check_2to4, sparsify_
 from gpusq.train import default_device, evaluate, seed_everything, train_stage
 
@@ -431,172 +427,3 @@ def eval_checkpoint(checkpoint: str, data: DataOptions, model: str | None = None
 
 
 # -- CLI ----------------------------------------------------------------------------------------------
-def _data_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--data", required=True, help="ImageFolder dir, a .zip of one, or 'mnist5k'")
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
-    ap.add_argument("--no-cache", action="store_true", help="never decode the dataset into memory")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-
-
-def _model_args(ap: argparse.ArgumentParser, required: bool = False) -> None:
-    ap.add_argument("--model", required=required, help="timm model name, e.g. deit_tiny_patch16_224")
-    add_model_arg(ap, "timm keyword override, e.g. img_size=32 (repeatable, or comma-separated)")
-
-
-def _out_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--out", required=True, help="output directory: new or empty, or see --overwrite / --resume")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="replace the gpusq output already in --out (its files are removed when the run starts; "
-                         "other files are kept)")
-    ap.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-
-
-def _data_opts(a) -> DataOptions:
-    if a.batch_size is not None and a.batch_size <= 0:
-        raise GpusqError(f"--batch-size must be > 0, got {a.batch_size}")
-    return DataOptions(a.data, a.batch_size, a.workers, False if a.no_cache else None, a.skip_bad_images, a.seed)
-
-
-def _device(a) -> torch.device | None:
-    """Under torchrun: join the process group and use this rank's device; else --device."""
-    dev = D.init_from_env(a.device)
-    return dev or (torch.device(a.device) if a.device else None)
-
-
-def _task_of_checkpoint(argv: list[str]) -> str | None:
-    """The task recorded in ``--checkpoint DIR``'s task.yaml (detection / segmentation outputs), if any."""
-    for i, a in enumerate(argv):
-        path = argv[i + 1] if a == "--checkpoint" and i + 1 < len(argv) else (
-            a.split("=", 1)[1] if a.startswith("--checkpoint=") else None)
-        if path and (Path(path) / "task.yaml").is_file():
-            return (yaml.safe_load((Path(path) / "task.yaml").read_text()) or {}).get("task")
-    return None
-
-
-def cli_main(argv: list[str], prog: str, command: str) -> int:
-    if command == "eval" and not any(a == "--task" or a.startswith("--task=") for a in argv):
-        task = _task_of_checkpoint(argv)  # a detection / segmentation output evaluates as its task
-        if task and task != "classification":
-            argv = ["--task", task, *argv]
-    if any(a == "--task" or a.startswith("--task=") for a in argv):  # dense-prediction tasks (issue 6)
-        from gpusq.tasks.pipeline import cli_main as task_cli_main
-        from gpusq.tasks.pipeline import split_task_arg
-
-        task, rest = split_task_arg(argv)
-        if task != "classification":
-            return task_cli_main(argv, prog, command)
-        argv = rest
-    try:
-        return _cli_main(argv, prog, command)
-    finally:
-        D.shutdown()
-
-
-def _clean_failed_out(out: Path, created: bool) -> None:
-    """After a failure: remove an --out dir this run created if it holds nothing to resume from."""
-    if not created or not D.is_main() or not out.is_dir():
-        return
-    resumable = any((out / "checkpoints").glob("*.safetensors*")) or (out / "stage1" / "stage1.json").is_file()
-    if not resumable:
-        shutil.rmtree(out, ignore_errors=True)
-
-
-def _run_writing(out: str, clear, fn):
-    """``clear()`` (the old output's files, under --overwrite) then ``fn()``; on failure, leave no
-    half-made --out behind (checkpoints for --resume are kept)."""
-    created = not Path(out).exists()
-    try:
-        clear()
-        return fn()
-    except BaseException:
-        _clean_failed_out(Path(out), created)
-        raise
-
-
-def _cli_main(argv: list[str], prog: str, command: str) -> int:
-    ap = argparse.ArgumentParser(prog=prog)
-    # (read by cli_main before this parser: listed here so that --help shows it)
-    ap.add_argument("--task", choices=("classification", "detection", "segmentation"), default="classification",
-                    help="classification (default, the options below); detection / segmentation take their own "
-                         f"options: gpusq {command} --task detection --help")
-    if command == "train":
-        ap.description = "Train a dense model from scratch (or fine-tune --init) and write DIR/model.safetensors."
-        _model_args(ap)
-        _data_args(ap)
-        ap.add_argument("--init", help="initial weights: a gpusq output dir, .safetensors or timm .pth")
-        ap.add_argument("--epochs", type=float, default=10)
-        ap.add_argument("--lr", type=float, default=1e-3)
-        ap.add_argument("--warmup-epochs", type=float, default=1.0)
-        ap.add_argument("--weight-decay", type=float, default=0.05)
-        ap.add_argument("--label-smoothing", type=float, default=0.1)
-        _out_args(ap)
-        ap.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-        add_json(ap, "the final metrics")
-        a = ap.parse_args(argv)
-        d = _data_opts(a)
-        clear = check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
-        rep = _run_writing(a.out, clear, lambda: train_dense(
-            a.model, parse_model_kwargs(a.model_arg), d, a.out, epochs=a.epochs, lr=a.lr,
-            batch_size=a.batch_size or 128, warmup_epochs=a.warmup_epochs, weight_decay=a.weight_decay,
-            label_smoothing=a.label_smoothing, init=a.init, resume=a.resume, device=_device(a),
-            compile=a.compile))
-        if D.is_main():
-            _print_metrics(rep["metrics"], a.json, f"dense model written to {a.out}")
-        return 0
-    if command == "compress":
-        ap.description = "GPUSQ: 2:4 prune + KD fine-tune (stage 1), then sparse-aware QAT with KD (stage 2)."
-        _model_args(ap)
-        _data_args(ap)
-        ap.add_argument("--teacher", required=True, help="the trained dense model (gpusq train output dir, "
-                        ".safetensors or timm .pth)")
-        ap.add_argument("--recipe", default="int8", help="int8 | int4 | fp8 | sparse | a YAML file")
-        ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field, e.g. train.stage1.epochs=2 (repeatable)")
-        _out_args(ap)
-        ap.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps")
-        ap.add_argument("--stage1-from", default=None, help="reuse the stage1/ dir of an earlier run")
-        ap.add_argument("--compile", action="store_true", help="torch.compile student and teacher for training")
-        add_json(ap, "the final and the teacher's metrics")
-        a = ap.parse_args(argv)
-        d = _data_opts(a)
-        clear = check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
-        overrides: dict = {}
-        from gpusq.recipes import _merge
-
-        for s in a.set:
-            overrides = _merge(overrides, parse_override(s))
-        recipe = load_recipe(a.recipe, overrides)
-        teacher, name, kwargs = resolve_model(a.model, parse_model_kwargs(a.model_arg), a.teacher)
-        rep = _run_writing(a.out, clear, lambda: compress(
-            teacher, recipe, d, a.out, model_name=name, model_kwargs=kwargs, resume=a.resume,
-            device=_device(a), ckpt_every=a.ckpt_every, stage1_from=a.stage1_from, compile=a.compile))
-        if not D.is_main():
-            return 0
-        if not emit_json({"metrics": rep["metrics"], "teacher_metrics": rep["teacher_metrics"]}, a.json):
-            t, m = rep["teacher_metrics"], rep["metrics"]
-            print(f"teacher top-1 {t['top1']:.2f}  →  {recipe.name} top-1 {m['top1']:.2f} "
-                  f"(top-5 {m['top5']:.2f}); size {rep['stats']['size_ratio']:.2f}x smaller, "
-                  f"bit-ops {rep['stats']['bitops_ratio']:.1f}x fewer; written to {a.out}")
-        return 0
-    if command == "eval":
-        ap.description = "Top-1/top-5 of a checkpoint (gpusq output dir or weights file) on a dataset."
-        ap.add_argument("--checkpoint", required=True)
-        _model_args(ap)
-        _data_args(ap)
-        add_json(ap, "the metrics")
-        a = ap.parse_args(argv)
-        m = eval_checkpoint(a.checkpoint, _data_opts(a), a.model, parse_model_kwargs(a.model_arg),
-                            _device(a))
-        if D.is_main():
-            _print_metrics(m, a.json)
-        return 0
-    raise GpusqError(f"unknown command {command}")
-
-
-def _print_metrics(m: dict, json_dest: str | None, note: str = "") -> None:
-    if not emit_json(m, json_dest):
-        print(f"top-1 {m['top1']:.2f}  top-5 {m['top5']:.2f}  ({m['images']} images)" + (f"; {note}" if note else ""),
-              file=sys.stdout)

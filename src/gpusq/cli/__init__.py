@@ -15,9 +15,9 @@ from gpusq.errors import GpusqError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("gpusq.cli.demo", "offline end-to-end demo on MNIST-5k (train teacher, compress sparse/int8/int4)"),
-    "train": ("gpusq.pipeline", "train or fine-tune a dense model (a teacher)"),
-    "compress": ("gpusq.pipeline", "GPUSQ: 2:4 prune + KD fine-tune, then sparse-aware QAT with KD"),
-    "eval": ("gpusq.pipeline", "top-1/top-5 of a checkpoint on a dataset"),
+    "train": ("gpusq.cli.train", "train or fine-tune a dense model (a teacher)"),
+    "compress": ("gpusq.cli.train", "GPUSQ: 2:4 prune + KD fine-tune, then sparse-aware QAT with KD"),
+    "eval": ("gpusq.cli.train", "top-1/top-5 of a checkpoint on a dataset"),
     "stats": ("gpusq.cli.stats", "parameters, size and bit-op accounting of a model under a recipe"),
     "recipes": ("gpusq.cli.recipes", "list the shipped recipes"),
     "bench": ("gpusq.bench", "GPU speed: gpusq deployed vs FP32/TF32/BF16/FP8 baselines"),

@@ -16,7 +16,6 @@ Per-epoch checkpoints (``--resume``) make a killed run continue exactly. Not her
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -34,13 +33,10 @@ from torch import nn
 
 from gpusq.checkpoint import atomic_write, atomic_write_text, load_compressed, stored_model, write_compressed
 from gpusq.classes import check_classes, check_same_classes
-from gpusq.cli.args import add_json, emit_json
 from gpusq.distill import FeatureHooks, feature_layers, feature_loss, layer_weights_from_distortion, soft_loss
 from gpusq.errors import GpusqError, InternalError, close_matches
-from gpusq.models import parse_model_kwargs
-from gpusq.outdir import check_out_dir
 from gpusq.quant import calibrate, quantize_
-from gpusq.recipes import Recipe, StageConfig, _merge, load_recipe, parse_override
+from gpusq.recipes import Recipe, StageConfig
 from gpusq.sparsity import SparsityConfig, check_2to4, sparsify_
 from gpusq.tasks.coco import CocoDetection, coco_folder, collate_list
 from gpusq.tasks.metrics import coco_map, detections_to_coco, evaluate_segmentation
@@ -661,115 +657,3 @@ LOGIT_KD_DOC = {
     "upernet": "per-pixel KL on the segmentation logits (labelled pixels)",
     "detr": "KL on the class logits of the queries matched to the ground truth",
 }
-
-
-
-
-# -- CLI -------------------------------------------------------------------------------------------
-def _common(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--task", required=True, help="detection | segmentation")
-    ap.add_argument("--data", required=True, help="detection: COCO-format folder (instances.json + images/); "
-                    "segmentation: images/ + labels/ folder")
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    add_json(ap, "the metrics")
-    ap.add_argument("--resume", action="store_true", help="train/compress: continue an interrupted run in --out")
-    ap.add_argument("--overwrite", action="store_true", help="train/compress: replace the gpusq output in --out "
-                    "(its files are removed when the run starts; other files are kept)")
-
-
-def _models_help() -> str:
-    return "; ".join(f"{task}: {' | '.join(m for f in FAMILIES if f.name == task for m in f.models)}"
-                     for task in TASKS[1:])
-
-
-def cli_main(argv: list[str], prog: str, command: str) -> int:
-    """``gpusq train|compress|eval --task detection|segmentation ...`` (dispatched by ``gpusq.pipeline``)."""
-    ap = argparse.ArgumentParser(prog=prog)
-    _common(ap)
-    if command == "train":
-        ap.add_argument("--model", required=True, help=_models_help())
-        ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
-        ap.add_argument("--val-data", default=None)
-        ap.add_argument("--epochs", type=float, default=10)
-        ap.add_argument("--lr", type=float, default=1e-3)
-        ap.add_argument("--out", required=True)
-        a = ap.parse_args(argv)
-        t = task_spec(check_task(a.task), a.model)
-        check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)()
-        cfg = StageConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size or 8, min_lr=a.lr * 0.01)
-        rep = train_dense_task(t.name, a.model, parse_model_kwargs(a.model_arg), a.data, a.out, val_data=a.val_data,
-                               cfg=cfg, seed=a.seed, device=_device(a), resume=a.resume)
-        if not emit_json({"metrics": rep["metrics"]}, a.json):
-            print(f"{t.summary(rep['metrics'])}; dense {t.name} model written to {a.out}")
-        return 0
-    if command == "compress":
-        ap.add_argument("--teacher", required=True,
-                        help="the dense model: a gpusq train --task TASK output dir, or a weights file "
-                             "(.safetensors/.pt/.pth state dict) of --model")
-        ap.add_argument("--model", default=None, help="architecture of a --teacher weights file: " + _models_help())
-        ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
-        ap.add_argument("--val-data", default=None)
-        ap.add_argument("--recipe", default="int8")
-        ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-        ap.add_argument("--out", required=True)
-        a = ap.parse_args(argv)
-        task = check_task(a.task)
-        if a.model:
-            task_spec(task, a.model)
-        clear = check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
-        overrides: dict = {}
-        for s in a.set:
-            overrides = _merge(overrides, parse_override(s))
-        recipe = load_recipe(a.recipe, overrides)
-        clear()
-        rep = compress_task(task, a.teacher, recipe, a.data, a.out, model=a.model,
-                            model_kwargs=parse_model_kwargs(a.model_arg), val_data=a.val_data,
-                            batch_size=a.batch_size, seed=a.seed, device=_device(a), resume=a.resume)
-        t = task_spec(task, rep["model"])
-        if not emit_json({k: rep[k] for k in ("metrics", "teacher_metrics", "compressed_layers")}, a.json):
-            print(f"teacher {t.summary(rep['teacher_metrics'])}  →  {recipe.name} {t.summary(rep['metrics'])}; "
-                  f"{len(rep['compressed_layers'])} layers compressed; written to {a.out}")
-        return 0
-    if command == "eval":
-        ap.add_argument("--checkpoint", required=True)
-        a = ap.parse_args(argv)
-        task = check_task(a.task)
-        model, info = load_task_dir(a.checkpoint, task, _device(a))
-        t = task_spec(task, info["model"])
-        ds = t.load_data(a.data)
-        names = data_classes(ds)
-        if names is not None:
-            check_classes(info.get("classes"), model_classes(model), names, who=f"checkpoint {a.checkpoint}",
-                          data=a.data)
-        if "label_to_cat" in info and ds.label_to_cat != {int(k): v for k, v in info["label_to_cat"].items()}:
-            raise GpusqError(f"the category ids of {a.data} differ from the checkpoint's ({a.checkpoint})")
-        m = evaluate_task(t, model, ds, a.batch_size or 8)
-        if not emit_json(m, a.json):
-            print(f"{t.summary(m)}  ({m['images']} images)", file=sys.stdout)
-        return 0
-    raise GpusqError(f"--task is not supported by gpusq {command}")
-
-
-def _device(a) -> torch.device:
-    if a.device:
-        return torch.device(a.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def split_task_arg(argv: list[str]) -> tuple[str | None, list[str]]:
-    """``--task NAME`` / ``--task=NAME`` out of ``argv``: (NAME or None, the other arguments)."""
-    rest: list[str] = []
-    task = None
-    it = iter(argv)
-    for arg in it:
-        if arg == "--task":
-            task = next(it, None)
-            if task is None:
-                raise GpusqError(f"--task needs a value ({', '.join(TASKS)})")
-        elif arg.startswith("--task="):
-            task = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    return task, rest
