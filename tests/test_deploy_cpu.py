@@ -117,8 +117,8 @@ def test_deploy_warmup_cli_refuses_without_gpu(capsys):
 
 
 def test_bench_bad_arguments():
-    from gpusq.bench import _parse_batches
     from gpusq.cli import main
+    from gpusq.cli.args import parse_batches as _parse_batches
 
     with pytest.raises(GpusqError):
         _parse_batches("1,x")

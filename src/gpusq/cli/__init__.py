@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("gpusq.cli.train", "top-1/top-5 of a checkpoint on a dataset"),
     "stats": ("gpusq.cli.stats", "parameters, size and bit-op accounting of a model under a recipe"),
     "recipes": ("gpusq.cli.recipes", "list the shipped recipes"),
-    "bench": ("gpusq.bench", "GPU speed: gpusq deployed vs FP32/TF32/BF16/FP8 baselines"),
+    "bench": ("gpusq.cli.bench", "GPU speed: gpusq deployed vs FP32/TF32/BF16/FP8 baselines"),
     "deploy": ("gpusq.cli.deploy", "--warmup: search and cache a model's GPU kernels before serving it"),
     "export": ("gpusq.cli.export", "export a compressed model (ONNX with Q/DQ and 2:4 weights)"),
 }

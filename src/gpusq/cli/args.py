@@ -11,6 +11,8 @@ import argparse
 import json
 from typing import Any
 
+from gpusq.errors import GpusqError
+
 
 def add_json(ap: argparse.ArgumentParser, what: str = "the result") -> None:
     ap.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
@@ -35,3 +37,25 @@ def emit_json(obj: Any, dest: str | None, indent: int | None = None) -> bool:
 
     atomic_write_text(dest, text + "\n")
     return False
+
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        out = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise GpusqError(f"--batch must be comma-separated integers, got {text!r}") from None
+    if not out or any(b <= 0 for b in out):
+        raise GpusqError(f"--batch must list positive integers, got {text!r}")
+    return out
+
+
+def parse_hw(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise GpusqError(f"--input-size must be H,W (two integers), got {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise GpusqError(f"--input-size must be positive, got {text!r}")
+    return h, w

@@ -33,12 +33,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def cli_main(argv: list[str], prog: str = "gpusq deploy", command: str = "deploy") -> int:
-    from gpusq.bench import _calibrated, _parse_batches
+    from gpusq.bench import _calibrated
+    from gpusq.cli.args import parse_batches
     from gpusq.deploy import check_gpu, deploy
     from gpusq.deploy.cusparselt import _load_disk_cache, cache_path
 
     args = build_parser(prog).parse_args(argv)
-    batches = _parse_batches(args.batch)
+    batches = parse_batches(args.batch)
     dev = check_gpu()  # a one-line error on a machine without a suitable GPU, before anything is built
     import torch
 
