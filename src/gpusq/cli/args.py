@@ -2,7 +2,8 @@
 
 ``--json [FILE]``: the command's result as JSON, on stdout (bare ``--json``) or written to FILE (then
 the usual human-readable line is printed too). ``--model-arg KEY=VALUE``: a model constructor keyword
-(repeatable, or comma-separated).
+(repeatable, or comma-separated). ``--out`` / ``--overwrite`` / ``--resume``: where an output goes.
+``--batch`` lists: ``parse_batches``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ def add_json(ap: argparse.ArgumentParser, what: str = "the result") -> None:
 def add_model_arg(ap: argparse.ArgumentParser, help: str | None = None) -> None:
     ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                     help=help or "model constructor keyword, e.g. img_size=32 (repeatable, or comma-separated)")
+
+
+def add_out_args(ap: argparse.ArgumentParser) -> None:
+    """``--out`` with ``--overwrite`` / ``--resume``: every command that writes a gpusq output."""
+    ap.add_argument("--out", required=True, help="output directory: new or empty, or see --overwrite / --resume")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the gpusq output already in --out (its files are removed when the run starts; "
+                         "other files are kept)")
+    ap.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
 
 
 def emit_json(obj: Any, dest: str | None, indent: int | None = None) -> bool:

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from gpusq.classes import check_classes
-from gpusq.cli.args import add_json, emit_json
+from gpusq.cli.args import add_json, add_out_args, emit_json
 from gpusq.errors import GpusqError
 from gpusq.models import parse_model_kwargs
 from gpusq.outdir import check_out_dir
@@ -35,9 +35,6 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
     add_json(ap, "the metrics")
-    ap.add_argument("--resume", action="store_true", help="train/compress: continue an interrupted run in --out")
-    ap.add_argument("--overwrite", action="store_true", help="train/compress: replace the gpusq output in --out "
-                    "(its files are removed when the run starts; other files are kept)")
 
 
 def _models_help() -> str:
@@ -55,7 +52,7 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.add_argument("--val-data", default=None)
         ap.add_argument("--epochs", type=float, default=10)
         ap.add_argument("--lr", type=float, default=1e-3)
-        ap.add_argument("--out", required=True)
+        add_out_args(ap)
         a = ap.parse_args(argv)
         t = task_spec(check_task(a.task), a.model)
         check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)()
@@ -74,7 +71,7 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.add_argument("--val-data", default=None)
         ap.add_argument("--recipe", default="int8")
         ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-        ap.add_argument("--out", required=True)
+        add_out_args(ap)
         a = ap.parse_args(argv)
         task = check_task(a.task)
         if a.model:

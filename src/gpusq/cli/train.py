@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from gpusq import distributed as D
-from gpusq.cli.args import add_json, add_model_arg, emit_json
+from gpusq.cli.args import add_json, add_model_arg, add_out_args, emit_json
 from gpusq.errors import GpusqError
 from gpusq.models import parse_model_kwargs
 from gpusq.outdir import check_out_dir
@@ -33,14 +33,6 @@ def _data_args(ap: argparse.ArgumentParser) -> None:
 def _model_args(ap: argparse.ArgumentParser, required: bool = False) -> None:
     ap.add_argument("--model", required=required, help="timm model name, e.g. deit_tiny_patch16_224")
     add_model_arg(ap, "timm keyword override, e.g. img_size=32 (repeatable, or comma-separated)")
-
-
-def _out_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--out", required=True, help="output directory: new or empty, or see --overwrite / --resume")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="replace the gpusq output already in --out (its files are removed when the run starts; "
-                         "other files are kept)")
-    ap.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
 
 
 def _data_opts(a) -> DataOptions:
@@ -121,7 +113,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.add_argument("--warmup-epochs", type=float, default=1.0)
         ap.add_argument("--weight-decay", type=float, default=0.05)
         ap.add_argument("--label-smoothing", type=float, default=0.1)
-        _out_args(ap)
+        add_out_args(ap)
         ap.add_argument("--compile", action="store_true", help="torch.compile the model for training")
         add_json(ap, "the final metrics")
         a = ap.parse_args(argv)
@@ -144,7 +136,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.add_argument("--recipe", default="int8", help="int8 | int4 | fp8 | sparse | a YAML file")
         ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field, e.g. train.stage1.epochs=2 (repeatable)")
-        _out_args(ap)
+        add_out_args(ap)
         ap.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps")
         ap.add_argument("--stage1-from", default=None, help="reuse the stage1/ dir of an earlier run")
         ap.add_argument("--compile", action="store_true", help="torch.compile student and teacher for training")
