@@ -28,7 +28,15 @@ import torch
 from torch import nn
 
 from gpusq.deploy import cusparselt as cs
-from gpusq.deploy.vit import FusedBlocks, GemmBlock, gemm_specs, timm_specs, why_not_gemm_block, why_not_gemm_layers
+from gpusq.deploy.vit import (
+    FusedBlocks,
+    GemmBlock,
+    gemm_specs,
+    one_backend,
+    timm_specs,
+    why_not_gemm_block,
+    why_not_gemm_layers,
+)
 
 NEG_MASK = -100.0  # timm's value for keys outside a shifted window's region
 
@@ -259,10 +267,15 @@ class FusedSwinBlocks(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
-        xr = FusedBlocks.pad(x.reshape(b, h * w, c))
+        return self.run(x.reshape(b, h * w, c), h, w).reshape(b, h, w, c)
+
+    def run(self, tokens: torch.Tensor, h: int, w: int, always_partition: bool = False) -> torch.Tensor:
+        """[B, H*W, C] tokens (token order) through every block; same shape and dtype out."""
+        b, hw, c = tokens.shape
+        xr = FusedBlocks.pad(tokens)
         for blk in self.blocks:
-            xr = blk(xr, b, h, w)
-        return xr[: b * h * w, :c].reshape(b, h, w, c).to(x.dtype)
+            xr = blk(xr, b, h, w, always_partition)
+        return xr[: b * hw, :c].reshape(b, hw, c).to(tokens.dtype)
 
     def gemms(self) -> dict[str, object]:
         return {f"blocks.{i}.{k}": g for i, blk in enumerate(self.blocks) for k, g in blk.gemms().items()}
@@ -273,14 +286,9 @@ class FusedHFSwinBlocks(FusedSwinBlocks):
     and returns what its ``SwinLayer``s do, [B, H*W, C] and the (height, width) beside it."""
 
     def forward(self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int], *args, **kwargs):
-        b, hw, c = hidden_states.shape
-        h, w = int(input_dimensions[0]), int(input_dimensions[1])
         # always_partition: a keyword in transformers 5.x, the 5th positional argument before
         always = bool(kwargs.get("always_partition", args[2] if len(args) > 2 else False))
-        xr = FusedBlocks.pad(hidden_states)
-        for blk in self.blocks:
-            xr = blk(xr, b, h, w, always)
-        return xr[: b * hw, :c].reshape(b, hw, c).to(hidden_states.dtype), None
+        return self.run(hidden_states, int(input_dimensions[0]), int(input_dimensions[1]), always), None
 
 
 def swin_stages(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
@@ -324,14 +332,9 @@ def fuse_swin_blocks(model: nn.Module, compressed: dict[str, nn.Module], device:
                 return why
             first = f"{prefix}.attn.qkv" if kind == "timm" else f"{prefix}.{hf_layout(blk)['q']}"
             backends.add(layer_codes(compressed[first])[0])
-    if len(backends) != 1:
-        return f"blocks mix formats ({', '.join(sorted(backends))})"
-    backend = backends.pop()
-    if backend == "fp8":
-        from gpusq.deploy import cublaslt
-
-        if not cublaslt.available():
-            return "nvmath-python is not installed (pip install 'gpusq[gpu]')"
+    backend, why = one_backend(backends)
+    if why is not None:
+        return why
     for sname, stage, kind in stages:
         pre = f"{sname}.blocks" if sname else "blocks"
         if kind == "timm":

@@ -101,6 +101,20 @@ def timm_specs(compressed: dict[str, nn.Module], prefix: str) -> dict[str, GemmS
     return gemm_specs(compressed, {k: f"{prefix}.{rel}" for k, rel in zip(("qkv", "proj", "fc1", "fc2"), GEMMS)})
 
 
+def one_backend(backends: set[str]) -> tuple[str, str | None]:
+    """(the backend all fused blocks share, None), or (``""``, why they cannot run fused): mixed formats,
+    or FP8 without nvmath-python's cuBLASLt."""
+    if len(backends) != 1:
+        return "", f"blocks mix formats ({', '.join(sorted(backends))})"
+    backend = next(iter(backends))
+    if backend == "fp8":
+        from gpusq.deploy import cublaslt
+
+        if not cublaslt.available():
+            return "", "nvmath-python is not installed (pip install 'gpusq[gpu]')"
+    return backend, None
+
+
 def _gamma(ls) -> torch.Tensor | None:
     return ls.gamma.detach().float() if hasattr(ls, "gamma") else None
 
@@ -278,15 +292,9 @@ def fuse_vit_blocks(model: nn.Module, compressed: dict[str, nn.Module], device: 
         why = why_not_fusable(blk, compressed, f"blocks.{i}")
         if why is not None:
             return why
-    backends = {block_backend(blk, compressed, f"blocks.{i}") for i, blk in enumerate(blocks)}
-    if len(backends) != 1:
-        return f"blocks mix formats ({', '.join(sorted(backends))})"
-    backend = backends.pop()
-    if backend == "fp8":
-        from gpusq.deploy import cublaslt
-
-        if not cublaslt.available():
-            return "nvmath-python is not installed (pip install 'gpusq[gpu]')"
+    backend, why = one_backend({block_backend(blk, compressed, f"blocks.{i}") for i, blk in enumerate(blocks)})
+    if why is not None:
+        return why
     fused = [FusedBlock(blk, compressed, f"blocks.{i}", device, backend) for i, blk in enumerate(blocks)]
     model.blocks = FusedBlocks(fused)
     return None
