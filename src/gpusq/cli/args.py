@@ -25,6 +25,22 @@ def add_model_arg(ap: argparse.ArgumentParser, help: str | None = None) -> None:
                     help=help or "model constructor keyword, e.g. img_size=32 (repeatable, or comma-separated)")
 
 
+def add_recipe_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--recipe", default="int8", help="int8 | int4 | fp8 | sparse | a YAML file")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe field, e.g. train.stage1.epochs=2 (repeatable)")
+
+
+def recipe_of(args: argparse.Namespace):
+    """The ``--recipe`` with every ``--set`` override merged in (strictly checked by ``load_recipe``)."""
+    from gpusq.recipes import _merge, load_recipe, parse_override
+
+    overrides: dict = {}
+    for s in args.set:
+        overrides = _merge(overrides, parse_override(s))
+    return load_recipe(args.recipe, overrides)
+
+
 def add_out_args(ap: argparse.ArgumentParser) -> None:
     """``--out`` with ``--overwrite`` / ``--resume``: every command that writes a gpusq output."""
     ap.add_argument("--out", required=True, help="output directory: new or empty, or see --overwrite / --resume")

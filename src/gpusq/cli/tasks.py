@@ -8,11 +8,11 @@ import sys
 import torch
 
 from gpusq.classes import check_classes
-from gpusq.cli.args import add_json, add_out_args, emit_json
+from gpusq.cli.args import add_json, add_model_arg, add_out_args, add_recipe_args, emit_json, recipe_of
 from gpusq.errors import GpusqError
 from gpusq.models import parse_model_kwargs
 from gpusq.outdir import check_out_dir
-from gpusq.recipes import StageConfig, _merge, load_recipe, parse_override
+from gpusq.recipes import StageConfig
 from gpusq.tasks.pipeline import (
     FAMILIES,
     TASKS,
@@ -48,7 +48,7 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
     _common(ap)
     if command == "train":
         ap.add_argument("--model", required=True, help=_models_help())
-        ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
+        add_model_arg(ap)
         ap.add_argument("--val-data", default=None)
         ap.add_argument("--epochs", type=float, default=10)
         ap.add_argument("--lr", type=float, default=1e-3)
@@ -67,20 +67,16 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
                         help="the dense model: a gpusq train --task TASK output dir, or a weights file "
                              "(.safetensors/.pt/.pth state dict) of --model")
         ap.add_argument("--model", default=None, help="architecture of a --teacher weights file: " + _models_help())
-        ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
+        add_model_arg(ap)
         ap.add_argument("--val-data", default=None)
-        ap.add_argument("--recipe", default="int8")
-        ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        add_recipe_args(ap)
         add_out_args(ap)
         a = ap.parse_args(argv)
         task = check_task(a.task)
         if a.model:
             task_spec(task, a.model)
         clear = check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
-        overrides: dict = {}
-        for s in a.set:
-            overrides = _merge(overrides, parse_override(s))
-        recipe = load_recipe(a.recipe, overrides)
+        recipe = recipe_of(a)
         clear()
         rep = compress_task(task, a.teacher, recipe, a.data, a.out, model=a.model,
                             model_kwargs=parse_model_kwargs(a.model_arg), val_data=a.val_data,

@@ -12,12 +12,11 @@ import torch
 import yaml
 
 from gpusq import distributed as D
-from gpusq.cli.args import add_json, add_model_arg, add_out_args, emit_json
+from gpusq.cli.args import add_json, add_model_arg, add_out_args, add_recipe_args, emit_json, recipe_of
 from gpusq.errors import GpusqError
 from gpusq.models import parse_model_kwargs
 from gpusq.outdir import check_out_dir
 from gpusq.pipeline import DataOptions, compress, eval_checkpoint, resolve_model, train_dense
-from gpusq.recipes import load_recipe, parse_override
 
 
 def _data_args(ap: argparse.ArgumentParser) -> None:
@@ -133,9 +132,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         _data_args(ap)
         ap.add_argument("--teacher", required=True, help="the trained dense model (gpusq train output dir, "
                         ".safetensors or timm .pth)")
-        ap.add_argument("--recipe", default="int8", help="int8 | int4 | fp8 | sparse | a YAML file")
-        ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field, e.g. train.stage1.epochs=2 (repeatable)")
+        add_recipe_args(ap)
         add_out_args(ap)
         ap.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps")
         ap.add_argument("--stage1-from", default=None, help="reuse the stage1/ dir of an earlier run")
@@ -144,12 +141,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         a = ap.parse_args(argv)
         d = _data_opts(a)
         clear = check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
-        overrides: dict = {}
-        from gpusq.recipes import _merge
-
-        for s in a.set:
-            overrides = _merge(overrides, parse_override(s))
-        recipe = load_recipe(a.recipe, overrides)
+        recipe = recipe_of(a)
         teacher, name, kwargs = resolve_model(a.model, parse_model_kwargs(a.model_arg), a.teacher)
         rep = _run_writing(a.out, clear, lambda: compress(
             teacher, recipe, d, a.out, model_name=name, model_kwargs=kwargs, resume=a.resume,
