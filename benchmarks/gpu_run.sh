@@ -46,11 +46,20 @@ PY
         | tee "$OUT/fusedcheck.txt" | grep -E "CORRECTNESS|passed|failed|Error|error|assert" | tee -a "$LOG"
       ;;
     hfrepro)  # the open fused Hugging Face Swin fault (benchmarks/repro_hf_swin_fault.py), each mode in its own process
-      for m in "eager up" "eager mr" "eagernc up" "nocompile up" "graphs up" "perlayer up"; do
+      for m in ${HFREPRO_MODES:-"eager up" "eager mr" "eagernc up" "nocompile up" "graphs up" "perlayer up"}; do
         case "$m" in eager*) env="PYTORCH_NO_CUDA_MEMORY_CACHING=1 CUDA_LAUNCH_BLOCKING=1" ;; *) env="" ;; esac
-        env $env timeout 60 python3 benchmarks/repro_hf_swin_fault.py $m 2>&1 | grep -E " OK | FAILED|File \"/|Error" \
-          | head -8 | tee -a "$LOG"
+        env $env timeout 60 python3 benchmarks/repro_hf_swin_fault.py $m 2>&1 | tee -a "$OUT/hfrepro.txt" \
+          | grep -E " OK | FAILED|File \"/|Error" | head -8 | tee -a "$LOG"
       done
+      # memcheck names the faulting kernel and address (compute-sanitizer ships with the CUDA toolkit)
+      san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+      if [ -n "$san" ]; then
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${T_SAN:-240} "$san" --tool memcheck --print-limit 20 \
+          python3 benchmarks/repro_hf_swin_fault.py eager up >"$OUT/memcheck.txt" 2>&1
+        grep -E "Invalid|at 0x|by thread|Address|ERROR SUMMARY| OK | FAILED" "$OUT/memcheck.txt" | head -30 | tee -a "$LOG"
+      else
+        echo "no compute-sanitizer" | tee -a "$LOG"
+      fi
       ;;
     swinprobe)  # window-attention kernel configurations vs SDPA (Swin-T, batch 256)
       timeout 200 python3 benchmarks/swin_probe.py --json "$OUT/swin_probe.json" 2>&1 | tee -a "$LOG"

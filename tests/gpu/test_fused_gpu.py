@@ -167,3 +167,32 @@ def test_glue_kernel_cases_compiled():
     bad = {k: v.strip().splitlines()[-1] for k, v in res.items() if v}
     print(f"CORRECTNESS glue kernel cases compiled on the GPU: {len(res) - len(bad)}/{len(res)} pass {bad or ''}")
     assert not bad
+
+
+@pytest.mark.parametrize("mode", ["eager", "eagernc", "graphs"])
+def test_hf_swin_runs_without_the_caching_allocator(mode):
+    """The fused Hugging Face Swin test model (64x64) once faulted: cuSPARSELt's kernels read past the end of a
+    small compressed weight (cusparselt.compress). Without the caching allocator's rounding the overread lands
+    outside any allocation; the reproducer must now run in every mode."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _need_nvmath()
+    repro = Path(__file__).resolve().parents[2] / "benchmarks" / "repro_hf_swin_fault.py"
+    env = {**os.environ, **({"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"} if mode.startswith("eager") else {})}
+    r = subprocess.run([sys.executable, str(repro), mode, "up"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert f"{mode} up OK fused" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_compressed_weight_has_room_for_the_kernels_overread():
+    from gpusq.deploy.cusparselt import OVERFETCH_BYTES, compress
+    from gpusq.sparsity import mask_2to4
+
+    w = torch.randint(-127, 128, (64, 64), device="cuda").float()
+    w = (w * mask_2to4(w)).to(torch.int8)
+    wc = compress(w)
+    assert torch.equal(wc, torch._cslt_compress(w))
+    assert wc.untyped_storage().nbytes() >= wc.numel() * wc.element_size() + OVERFETCH_BYTES

@@ -172,7 +172,7 @@ class SparseGemm:
         self.gelu, self.gelu_scale, self.residual = gelu, gelu_scale, residual
         w = torch.zeros(self.np_, self.kp, dtype=torch.int8, device=self.device)
         w[: self.n, : self.k] = codes.to(self.device).round().to(torch.int8)
-        self.w_c = torch._cslt_compress(w)
+        self.w_c = cs.compress(w)
         self.alpha = torch.zeros(self.np_, dtype=torch.float32, device=self.device)
         self.alpha[: self.n] = alpha.detach().float().reshape(-1).to(self.device)
         self.bias = None

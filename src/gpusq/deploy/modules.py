@@ -86,7 +86,7 @@ class DeployedLinear(nn.Module):
         self.register_buffer("post_alpha", None)
         self.register_buffer("post_bias", None)
         if "sparse" in self.kernels:
-            self.w_c = torch._cslt_compress(w.contiguous())
+            self.w_c = cs.compress(w.contiguous())
             self.epilogue = cs.epilogue_mode(kind)
             a, bb = cs._apply_epilogue(w, alpha, b, self.epilogue, torch.bfloat16)
             self.ep_alpha, self.ep_bias = a, bb
