@@ -89,7 +89,7 @@ PY
       timeout ${T_TASKS:-500} gpusq bench --model maskrcnn_swin_t --batch 1,8 --variants bf16-compile,fp8-dense,gpusq \
         --json "$OUT/tasks_maskrcnn.json" 2>&1 | tee -a "$LOG"
       timeout ${T_TASKS:-500} gpusq bench --model upernet_swin_t --batch 8 --variants bf16-compile,fp8-dense,gpusq \
-        --fused ${UPERNET_FUSED:-on} --json "$OUT/tasks_upernet.json" 2>&1 | tee -a "$LOG"
+        --fused ${UPERNET_FUSED:-auto} --json "$OUT/tasks_upernet.json" 2>&1 | tee -a "$LOG"
       ;;
     tests)
       timeout ${T_TESTS:-400} python3 -m pytest -m gpu tests/gpu ${PYTEST_X--x} -q -s -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | grep -E "CORRECTNESS|passed|failed|Error|error" | tee -a "$LOG"

@@ -52,7 +52,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                     help="for --recipe fp8: time 2:4 cuSPARSELt vs dense per shape (auto) or force one")
     ap.add_argument("--fused", default="auto", choices=("auto", "on", "off"),
                     help="fused transformer blocks for gpusq and fp8-dense: where they qualify (auto), required "
-                         "(on: also Hugging Face Swin, opt-in for now), or never (off: the per-layer path)")
+                         "(on), or never (off: the per-layer path)")
     ap.add_argument("--fused-attn", default="off", choices=("on", "off"),
                     help="attention through SDPA in every variant where timm has the switch (Swin's window "
                          "attention; default off, as gpusq.deploy: slower on the H100)")

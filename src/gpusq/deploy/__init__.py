@@ -286,7 +286,7 @@ def _fuse(model: nn.Module, layers: dict, fused, dev: torch.device) -> str:
 
     why = None if cslt.available() else "nvmath-python is not installed (pip install 'gpusq[gpu]')"
     if why is None:
-        why = (fuse_swin_blocks(model, layers, dev, hf=fused is True) if swin_stages(model)
+        why = (fuse_swin_blocks(model, layers, dev) if swin_stages(model)
                else fuse_vit_blocks(model, layers, dev))
     if why is None:
         return "fused"

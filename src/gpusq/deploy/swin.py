@@ -307,22 +307,14 @@ def swin_stages(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return out
 
 
-HF_OPT_IN = ("Hugging Face Swin blocks run fused only with deploy(..., fused=True): on the H200 the fused "
-             "UPerNet test model (64x64) hit an illegal memory access under torch.compile (docs/deploy.md)")
-
-
-def fuse_swin_blocks(model: nn.Module, compressed: dict[str, nn.Module], device: torch.device,
-                     hf: bool = True) -> str | None:
+def fuse_swin_blocks(model: nn.Module, compressed: dict[str, nn.Module], device: torch.device) -> str | None:
     """Swap every Swin stage's ``blocks`` for fused ones in place when all blocks qualify; ``None`` on
-    success, else the first reason (the model is then left unchanged). ``hf=False`` refuses Hugging
-    Face stages (``HF_OPT_IN``: ``deploy``'s default until an open GPU fault is understood)."""
+    success, else the first reason (the model is then left unchanged)."""
     from gpusq.deploy import layer_codes
 
     stages = swin_stages(model)
     if not stages:
         return "the model has no timm or Hugging Face Swin stages"
-    if not hf and any(kind == "hf" for _, _, kind in stages):
-        return HF_OPT_IN
     backends = set()
     for sname, stage, kind in stages:
         for i, blk in enumerate(stage.blocks):
