@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Device run of the CIFAR-10 ablation (issue 15; copy the zip to .carry/ and carry .carry).
 # usage: bash benchmarks/gpu_accuracy.sh TEACHER_ARGS -- SWEEP_ARGS
-# If .carry/teacher/ holds a trained teacher (model.safetensors split in parts), it is reused; else the
-# teacher is trained (TEACHER_ARGS) and returned in $OUT/teacher/ in 15 MB parts, for the next call.
+# If .carry/teacher/ holds a trained teacher (teacher.tar split in parts), it is reused; else the teacher
+# is trained (TEACHER_ARGS) and returned as $OUT/teacher.tar.part* (15 MB parts: a call returns at most
+# 8 files), for the next call: mkdir -p .carry/teacher && cp OUT/teacher.tar.part* .carry/teacher/.
 # The sweep claims no job that would end later than BUDGET_S (default 530) seconds after this script
 # started, and its table is rewritten after every job: a 600-second device call always returns
 # table.md / results.json with every finished job (rows say n).
@@ -13,20 +14,16 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
 export PYTHONUNBUFFERED=1
 targs=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do targs+=("$1"); shift; done; shift
 mkdir -p /tmp/cifar/teacher
-if [ -f .carry/teacher/model.yaml ]; then
-  cat .carry/teacher/model.safetensors.part* > /tmp/cifar/teacher/model.safetensors
-  cp .carry/teacher/model.yaml .carry/teacher/report.json /tmp/cifar/teacher/
+if ls .carry/teacher/teacher.tar.part* >/dev/null 2>&1; then
+  cat .carry/teacher/teacher.tar.part* | tar -x -C /tmp/cifar/teacher
 else
   python3 benchmarks/cifar10_accuracy.py --data .carry/cifar10-jpeg-20k.zip --out /tmp/cifar --teacher-only \
     "${targs[@]}" 2>&1 | tee "$OUT/teacher.log"
-  mkdir -p "$OUT/teacher"
-  split -b 15M /tmp/cifar/teacher/model.safetensors "$OUT/teacher/model.safetensors.part"
-  cp /tmp/cifar/teacher/model.yaml /tmp/cifar/teacher/report.json "$OUT/teacher/"
+  tar -c -C /tmp/cifar/teacher model.safetensors model.yaml report.json | split -b 15M - "$OUT/teacher.tar.part"
 fi
 echo "teacher ready after $(( $(date +%s) - start ))s"
 [ $# -gt 0 ] || exit 0
 python3 benchmarks/cifar10_accuracy.py --data .carry/cifar10-jpeg-20k.zip --out /tmp/cifar --deadline "$deadline" \
   "$@" 2>&1 | tee "$OUT/accuracy.log"
 cp /tmp/cifar/table.md /tmp/cifar/results.json "$OUT/" 2>/dev/null
-cp /tmp/cifar/runs/int4-short-full-seed0/report.json "$OUT/int4_short_full_seed0_report.json" 2>/dev/null
 echo "done after $(( $(date +%s) - start ))s"
