@@ -235,3 +235,14 @@ def test_task_is_a_listed_choice(capsys):
     assert "--task {classification,detection,segmentation}" in capsys.readouterr().out
     assert main(["compress", "--task", "detectoin", "--teacher", "t", "--data", "d", "--out", "o"]) == 2
     assert "detection" in capsys.readouterr().err
+
+
+def test_export_does_not_replace_an_existing_file(capsys, tmp_path):
+    """An existing .onnx is kept unless --overwrite: one line, before any model is loaded."""
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"previous export")
+    _fails(capsys, ["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(out)],
+           "already exists; pass --overwrite")
+    assert out.read_bytes() == b"previous export"
+    _fails(capsys, ["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(out), "--overwrite"],
+           "checkpoint not found")

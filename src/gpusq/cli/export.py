@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from gpusq.errors import GpusqError
 from gpusq.export import MAX_OPSET, MIN_OPSET, export_onnx, load_model, verify
@@ -14,7 +15,8 @@ def cli_main(argv: list[str], prog: str = "gpusq export", command: str = "export
                                  "explicit Q/DQ (TensorRT explicit quantization) and 2:4 sparse weights.")
     ap.add_argument("--checkpoint", required=True, help="a `gpusq compress` output directory")
     ap.add_argument("--format", default="onnx", choices=["onnx"])
-    ap.add_argument("--out", required=True, help="output .onnx file")
+    ap.add_argument("--out", required=True, help="output .onnx file (not replaced unless --overwrite)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     ap.add_argument("--opset", type=int, default=None,
                     help=f"{MIN_OPSET}..{MAX_OPSET} (default: 21 with int4 weights, 19 with fp8, else 17)")
     ap.add_argument("--verify", metavar="DATA", default=None,
@@ -25,6 +27,8 @@ def cli_main(argv: list[str], prog: str = "gpusq export", command: str = "export
     args = ap.parse_args(argv)
     if args.verify_samples <= 0 or args.batch_size <= 0:
         raise GpusqError("--verify-samples and --batch-size must be > 0")
+    if Path(args.out).is_file() and not args.overwrite:  # checked before the work, so nothing is lost
+        raise GpusqError(f"{args.out} already exists; pass --overwrite to replace it")
     model = load_model(args.checkpoint)
     if args.verify and args.verify != "random":  # the checkpoint's classes must be the data's (gpusq.classes)
         from gpusq.classes import check_classes, head_size, recorded_classes
