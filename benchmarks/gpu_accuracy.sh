@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Device run of the CIFAR-10 ablation (issue 15; copy the zip to .carry/ and carry .carry).
 # usage: bash benchmarks/gpu_accuracy.sh TEACHER_ARGS -- SWEEP_ARGS
+#   e.g. a DeiT-augmented teacher (RandAugment, Mixup/CutMix, random erasing; cifar10_accuracy.py --help):
+#   bash benchmarks/gpu_accuracy.sh --teacher-augment deit --teacher-epochs 300 --teacher-compile --
 # If .carry/teacher/ holds a trained teacher (model.safetensors split in parts), it is reused; else the
 # teacher is trained (TEACHER_ARGS) and returned in $OUT/teacher/ in 15 MB parts, for the next call.
 # The sweep claims no job that would end later than BUDGET_S (default 530) seconds after this script
