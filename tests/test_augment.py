@@ -238,3 +238,24 @@ def test_augmented_stage_resumes_exactly(tmp_path, capsys):
     with A.GlobalRng():
         run(c)  # ... and reproducible from scratch
     assert torch.equal(a[1].weight, c[1].weight)
+
+
+def test_compress_with_augmentation_records_it(tmp_path):
+    """Both KD stages take the batch augmentation (soft targets into the distillation loss); the output's
+    recipe.yaml keeps the augment section and loads again."""
+    from gpusq.pipeline import DataOptions, compress, resolve_model, train_dense
+    from tests.helpers import KWD, MODEL
+
+    make_colour_folder(tmp_path / "d", 0, {"train": 8, "val": 2})
+    data = DataOptions(str(tmp_path / "d"), batch_size=8, workers=0)
+    train_dense(MODEL, dict(KWD), data, tmp_path / "t", epochs=1, batch_size=8, progress=False,
+                device=torch.device("cpu"), augment=AugmentConfig(hflip=0.0, mixup=0.8))
+    teacher, name, kw = resolve_model(None, {}, str(tmp_path / "t"))
+    over = {"augment": {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.5, "mixup": 0.8, "cutmix": 1.0},
+            "train": {"stage1": {"epochs": 0.5, "min_steps": 0, "label_smoothing": 0.1},
+                      "stage2": {"epochs": 0.5, "min_steps": 0}, "calib_batches": 1, "importance_batches": 1}}
+    rep = compress(teacher, load_recipe("int8", over), data, tmp_path / "c", model_name=name, model_kwargs=kw,
+                   progress=False, device=torch.device("cpu"))
+    assert rep["history"]["stage1"] and rep["history"]["stage2"] and 0 <= rep["metrics"]["top1"] <= 100
+    back = load_recipe(str(tmp_path / "c" / "recipe.yaml"))
+    assert back.augment.mixup == 0.8 and back.augment.hflip is None and back.augment.re_prob == 0.5

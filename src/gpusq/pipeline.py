@@ -73,7 +73,7 @@ def build_loaders(opts: DataOptions, size: tuple[int, int, int], batch_size: int
         raise GpusqError(f"the batch size {batch_size} is not divisible by the {world} processes; "
                          f"use a multiple of {world}")
     global_bs, batch_size = batch_size, batch_size // world
-    key = (opts.data, tuple(size), opts.skip_bad_images, repr(augment))
+    key = (opts.data, tuple(size), opts.skip_bad_images, repr(augment or AugmentConfig()))
     if opts.cache is not False and key in _DECODED:
         train_ds, val_ds, info = _DECODED[key]
     else:

@@ -199,7 +199,7 @@ def train_stage(
     cfg: StageConfig,
     device: torch.device,
     *,
-    flip: bool,
+    flip: bool | float,
     crop_pad: float = 0.125,
     teacher: nn.Module | None = None,
     loss_fn: DistillationLoss | None = None,
