@@ -117,7 +117,7 @@ def test_recipe_fields_reach_the_timm_transforms(gradient, tmp_path):
 
     cfg = AugmentConfig(auto_augment="rand-m7-n3-mstd0.5-inc1", hflip=0.3)
     ds, _ = build_dataset(str(gradient), "train", (3, 128, 128), augment=cfg)
-    kinds = {type(t): t for t in ds.transform.transforms}
+    kinds = {type(t): t for t in ds.transform.transforms + ds.post.transforms}
     assert RandomResizedCropAndInterpolation in kinds and kinds[RandomHorizontalFlip].p == 0.3
     ra = kinds[RandAugment]
     assert ra.num_layers == 3 and all(op.magnitude == 7 and op.magnitude_std == 0.5 for op in ra.ops)
@@ -132,6 +132,7 @@ def test_recipe_fields_reach_the_timm_transforms(gradient, tmp_path):
     x, y = cached[(0, 0, 0)]
     assert x.dtype == torch.uint8 and x.shape == (3, 16, 16) and torch.equal(x, cached[(0, 0, 0)][0])
     assert not torch.equal(x, cached[(0, 0, 1)][0])  # another epoch, another jitter
+    assert torch.equal(cached[(0, 0, 0, False)][0], cached.base[0][0])  # calibration: as decoded
     # erasing and mixing reach the batch augmentation
     ba = batch_augment(AugmentConfig(re_prob=0.25, re_mode="const", re_count=2, mixup=0.8, cutmix=1.0,
                                      mixup_switch_prob=0.3), 10, seed=0, label_smoothing=0.1)
@@ -144,8 +145,9 @@ def test_recipe_fields_reach_the_timm_transforms(gradient, tmp_path):
 def test_randaugment_posterize_to_zero_bits_runs_on_this_pillow():
     """``inc1`` at magnitude 10 asks posterize for 0 bits, which Pillow >= 12 refuses: gpusq's transforms
     give the old all-black result instead of a crash in the middle of an epoch."""
-    tf = train_transforms(AugmentConfig(auto_augment="rand-n3-m10-inc1"), (3, 32, 32), crop=False, flip=0.0,
-                          mean=(0.5, 0.5, 0.5))
+    geometry, tf = train_transforms(AugmentConfig(auto_augment="rand-n3-m10-inc1"), (3, 32, 32), crop=False,
+                                    flip=0.0, mean=(0.5, 0.5, 0.5))
+    assert geometry is None
     im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
     for s in range(100):  # posterize is 1 of 15 ops, 3 per image: drawn many times here
         A.reseed(s)
@@ -259,3 +261,19 @@ def test_compress_with_augmentation_records_it(tmp_path):
     assert rep["history"]["stage1"] and rep["history"]["stage2"] and 0 <= rep["metrics"]["top1"] <= 100
     back = load_recipe(str(tmp_path / "c" / "recipe.yaml"))
     assert back.augment.mixup == 0.8 and back.augment.hflip is None and back.augment.re_prob == 0.5
+
+
+def test_calibration_batches_skip_the_colour_policy(gradient, tmp_path):
+    """``Batches(augment=False)`` (calibration, layer importance): no RandAugment / colour jitter; the
+    crops of >= 128 px images stay (they make the model size)."""
+    make_colour_folder(tmp_path, 0, {"train": 4, "val": 1})
+    cfg = AugmentConfig(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4)
+    plain, _ = build_dataset(str(tmp_path), "train", (3, 16, 16))
+    small = cache_in_memory(build_dataset(str(tmp_path), "train", (3, 16, 16), augment=cfg)[0])
+    ref = torch.cat([x for x, _, _ in _batches(cache_in_memory(plain), seed=1)])
+    assert torch.equal(torch.cat([x for x, _, _ in _batches(small, seed=1, augment=False)]), ref)
+    assert not torch.equal(torch.cat([x for x, _, _ in _batches(small, seed=1)]), ref)
+    big, _ = build_dataset(str(gradient), "train", (3, 128, 128), augment=cfg)
+    crops_only, _ = build_dataset(str(gradient), "train", (3, 128, 128))
+    a = torch.cat([x for x, _, _ in _batches(big, seed=1, augment=False)])
+    assert torch.equal(a, torch.cat([x for x, _, _ in _batches(crops_only, seed=1)]))

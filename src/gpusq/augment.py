@@ -173,11 +173,13 @@ def _pillow_compat_(tf) -> None:
 
 
 def train_transforms(cfg: AugmentConfig, size: tuple[int, int, int], crop: bool, flip: float,
-                     mean: tuple[float, ...]) -> Callable | None:
-    """PIL → PIL training transform from timm's ``transforms_imagenet_train`` (None: nothing to do).
+                     mean: tuple[float, ...]) -> tuple[Callable | None, Callable | None]:
+    """PIL → PIL training transforms from timm's ``transforms_imagenet_train``: (geometry, colour),
+    each None when empty.
 
-    ``crop``: RandomResizedCrop (scale 0.08–1, bicubic) + ``flip`` (models of >= 128 px); otherwise
-    only the colour / policy part (the device crops and flips CIFAR-size batches). Normalization and
+    geometry: RandomResizedCrop (scale 0.08–1, bicubic) + ``flip``, only with ``crop`` (models of
+    >= 128 px; the device crops and flips CIFAR-size batches). colour: RandAugment / AutoAugment /
+    AugMix or colour jitter, at the model size; left out of calibration batches. Normalization and
     random erasing are left to the device (``use_prefetcher``), so the loader still yields uint8.
     """
     from timm.data.transforms_factory import transforms_imagenet_train
@@ -188,18 +190,28 @@ def train_transforms(cfg: AugmentConfig, size: tuple[int, int, int], crop: bool,
         (h, w), hflip=flip if crop else 0.0, color_jitter=cfg.color_jitter or None,
         auto_augment=cfg.auto_augment or None, interpolation="bicubic", mean=mean, use_prefetcher=True,
         separate=True)
-    tfs = (list(primary.transforms) if crop else []) + list(secondary.transforms)
-    if not tfs:
-        return None
-    out = T.Compose(tfs)
-    _pillow_compat_(out)
-    out.gpusq_numpy = bool(cfg.auto_augment)  # RandAugment / AugMix draw from numpy; crops and flips do not
-    return out
+    geometry = T.Compose(primary.transforms) if crop and primary.transforms else None
+    colour = T.Compose(secondary.transforms) if secondary.transforms else None
+    if geometry is not None:
+        geometry.gpusq_numpy = False  # timm's crop draws from Python's random, the flip from torch
+    if colour is not None:
+        _pillow_compat_(colour)
+        colour.gpusq_numpy = bool(cfg.auto_augment)  # RandAugment / AugMix draw from numpy
+    return geometry, colour
+
+
+def split_key(key) -> tuple[int, tuple | None, bool]:
+    """A dataset key → (index, seed, augment): ``data.Batches`` passes ``(index, seed, epoch, augment)``
+    to datasets with ``seeded_transform``; a plain index means unseeded and augmented."""
+    if isinstance(key, tuple):
+        return key[0], key[1:3], bool(key[3]) if len(key) > 3 else True
+    return key, None, True
 
 
 class AugmentedImages(torch.utils.data.Dataset):
     """uint8 ``[C, H, W]`` images of a ``TensorDataset`` (decoded once) through a PIL transform, seeded
-    per image from the ``(index, seed, epoch)`` keys ``data.Batches`` passes (``seeded_transform``)."""
+    per image from the ``(index, seed, epoch, augment)`` keys ``data.Batches`` passes
+    (``seeded_transform``); ``augment`` False: the image as decoded (calibration)."""
 
     seeded_transform = True
     random_transform = True
@@ -211,9 +223,9 @@ class AugmentedImages(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
-        i, seed = (key[0], key[1:]) if isinstance(key, tuple) else (key, None)
+        i, seed, aug = split_key(key)
         x, y = self.base[i]
-        return apply_seeded(self.transform, x, seed, (i, 1)), y  # the key ImageFiles.post uses
+        return (apply_seeded(self.transform, x, seed, (i, 1)) if aug else x), y  # ImageFiles.post's key
 
 
 def apply_seeded(transform: Callable, x: torch.Tensor, seed: tuple | None, index: tuple) -> torch.Tensor:

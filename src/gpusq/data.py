@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gpusq.augment import AugmentConfig, AugmentedImages, run_seeded, train_transforms
+from gpusq.augment import AugmentConfig, AugmentedImages, run_seeded, split_key, train_transforms
 from gpusq.errors import GpusqError
 
 IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -47,9 +47,10 @@ class DataInfo:
 class ImageFiles(torch.utils.data.Dataset):
     """A list of (file, label) read from a directory or a zip; decoded in ``__getitem__``.
 
-    ``transform``: PIL → PIL before the resize to the model size (ImageNet-style crops); ``post``:
-    PIL → PIL after it (RandAugment / colour jitter of CIFAR-size images). Random ones are seeded per
-    image from the ``(index, seed, epoch)`` keys ``Batches`` passes (``seeded_transform``).
+    ``transform``: PIL → PIL before the resize to the model size (ImageNet-style crops and flips);
+    ``post``: PIL → PIL after it (RandAugment / colour jitter), skipped for calibration batches. Random
+    ones are seeded per image from the ``(index, seed, epoch, augment)`` keys ``Batches`` passes
+    (``seeded_transform``).
     """
 
     def __init__(self, source: str, files: list[tuple[str, int]], classes: list[str], size: tuple[int, int, int],
@@ -75,8 +76,9 @@ class ImageFiles(torch.utils.data.Dataset):
             self._zip_pid = os.getpid()
         return Image.open(io.BytesIO(self._zip.read(name)))
 
-    def load(self, i: int, seed: tuple | None = None) -> torch.Tensor | None:
-        """Image ``i`` as uint8 CHW; random transforms seeded from ``(*seed, i)`` (None: unseeded)."""
+    def load(self, i: int, seed: tuple | None = None, augment: bool = True) -> torch.Tensor | None:
+        """Image ``i`` as uint8 CHW; random transforms seeded from ``(*seed, i)`` (None: unseeded);
+        ``augment`` False: without ``post``."""
         name, _ = self.files[i]
         try:
             with self._open(name) as im:
@@ -85,7 +87,7 @@ class ImageFiles(torch.utils.data.Dataset):
                     im = run_seeded(self.transform, im, seed, (i,))
                 if im.size != (self.w, self.h):
                     im = im.resize((self.w, self.h), Image.BILINEAR)
-                if self.post is not None:
+                if self.post is not None and augment:
                     im = run_seeded(self.post, im, seed, (i, 1))
                 arr = np.asarray(im, dtype=np.uint8)
         except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
@@ -100,8 +102,8 @@ class ImageFiles(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(chw, order="C"))  # a writable contiguous copy
 
     def __getitem__(self, key):
-        i, seed = (key[0], key[1:]) if isinstance(key, tuple) else (key, None)
-        return self.load(i, seed), self.files[i][1]
+        i, seed, augment = split_key(key)
+        return self.load(i, seed, augment), self.files[i][1]
 
 
 def collate_skip_bad(batch):
@@ -229,7 +231,7 @@ def build_dataset(data: str, split: str, size: tuple[int, int, int], skip_bad: b
         x = _resize_u8(x, size)
         ds = torch.utils.data.TensorDataset(x, y)
         flip = aug.flip_prob(0.0) if aug else 0.0  # digits: no flips unless asked for
-        post = train_transforms(aug, size, crop=False, flip=0.0, mean=_mean(size[0])) if aug else None
+        post = train_transforms(aug, size, crop=False, flip=0.0, mean=_mean(size[0]))[1] if aug else None
         return (AugmentedImages(ds, post) if post else ds), DataInfo("mnist5k", 10, [str(i) for i in range(10)], flip,
                                                                     2 / 28)
     p = Path(data)
@@ -246,8 +248,7 @@ def build_dataset(data: str, split: str, size: tuple[int, int, int], skip_bad: b
     flip = aug.flip_prob(0.5) if aug else 0.0
     large = min(size[1], size[2]) >= STANDARD_MIN_SIZE
     if aug is not None:  # CIFAR-size: colour / policy per image here, crop + flip on the device
-        tf = train_transforms(aug, size, crop=large, flip=flip, mean=_mean(size[0]))
-        tf, post = (tf, None) if large else (None, tf)
+        tf, post = train_transforms(aug, size, crop=large, flip=flip, mean=_mean(size[0]))
     else:
         tf, post = standard_transform(split, size), None
     ds = ImageFiles(label, files, classes, size, zip_path=str(p) if p.is_file() else None, skip_bad=skip_bad,
@@ -320,7 +321,7 @@ class Batches:
 
     def __init__(self, ds, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 4,
                  pin: bool = False, drop_last: bool = False, rank: int = 0, world: int = 1,
-                 even: bool = True):
+                 even: bool = True, augment: bool = True):
         if batch_size <= 0:
             raise GpusqError(f"batch size must be > 0, got {batch_size}")
         self.ds, self.bs, self.shuffle, self.seed = ds, batch_size, shuffle, seed
@@ -329,6 +330,7 @@ class Batches:
         self.even = even  # pad shards to equal length (training); False: exact split (evaluation)
         self.epoch = 0
         self.skip = 0
+        self.augment = augment  # False: no colour / policy augmentation (calibration batches)
 
     def indices(self) -> torch.Tensor:
         n = len(self.ds)
@@ -362,7 +364,7 @@ class Batches:
                 yield x_all[c], y_all[c], 0
             return
         if getattr(self.ds, "seeded_transform", False):  # per-image seeds: (index, seed, epoch)
-            sampler = [[(i, self.seed, self.epoch) for i in c.tolist()] for c in chunks]
+            sampler = [[(i, self.seed, self.epoch, self.augment) for i in c.tolist()] for c in chunks]
         else:
             sampler = [c.tolist() for c in chunks]
         loader = torch.utils.data.DataLoader(

@@ -103,12 +103,14 @@ def sample_batches(batches: Batches, n: int, device: torch.device) -> list[torch
     out = []
     saved = batches.epoch
     batches.epoch = 10_000  # an order independent of training's
+    batches.augment = False  # no RandAugment / colour jitter (crops of >= 128 px images stay)
     for x, y, _ in batches:
         if len(y):
             out.append(prepare_batch(x, device, train=False, flip=False))
         if len(out) >= n:
             break
     batches.epoch = saved
+    batches.augment = True
     return out
 
 
