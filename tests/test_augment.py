@@ -277,3 +277,11 @@ def test_calibration_batches_skip_the_colour_policy(gradient, tmp_path):
     crops_only, _ = build_dataset(str(gradient), "train", (3, 128, 128))
     a = torch.cat([x for x, _, _ in _batches(big, seed=1, augment=False)])
     assert torch.equal(a, torch.cat([x for x, _, _ in _batches(crops_only, seed=1)]))
+
+
+def test_tasks_refuse_an_augment_section(tmp_path, capsys):
+    from gpusq.cli import main
+
+    rc = main(["compress", "--task", "detection", "--teacher", str(tmp_path), "--data", str(tmp_path),
+               "--out", str(tmp_path / "o"), "--set", "augment.mixup=0.8"])
+    assert rc == 2 and "augment section is for classification; --task detection" in capsys.readouterr().err
