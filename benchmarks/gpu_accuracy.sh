@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Device run of the CIFAR-10 ablation (issue 15; copy the zip to .carry/ and carry .carry).
 # usage: bash benchmarks/gpu_accuracy.sh TEACHER_ARGS -- SWEEP_ARGS
+#   e.g. a DeiT-augmented teacher (RandAugment, Mixup/CutMix, random erasing; cifar10_accuracy.py --help):
+#   bash benchmarks/gpu_accuracy.sh --teacher-augment deit --teacher-epochs 300 --teacher-compile --
 # If .carry/teacher/ holds a trained teacher (teacher.tar split in parts), it is reused; else the teacher
 # is trained (TEACHER_ARGS) and returned as $OUT/teacher.tar.part* (15 MB parts: a call returns at most
 # 8 files), for the next call: mkdir -p .carry/teacher && cp OUT/teacher.tar.part* .carry/teacher/.
@@ -19,7 +21,7 @@ if ls .carry/teacher/teacher.tar.part* >/dev/null 2>&1; then
 else
   python3 benchmarks/cifar10_accuracy.py --data .carry/cifar10-jpeg-20k.zip --out /tmp/cifar --teacher-only \
     "${targs[@]}" 2>&1 | tee "$OUT/teacher.log"
-  tar -c -C /tmp/cifar/teacher model.safetensors model.yaml report.json | split -b 15M - "$OUT/teacher.tar.part"
+  tar -c -C /tmp/cifar/teacher . | split -b 15M - "$OUT/teacher.tar.part"
 fi
 echo "teacher ready after $(( $(date +%s) - start ))s"
 [ $# -gt 0 ] || exit 0

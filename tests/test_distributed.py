@@ -91,3 +91,22 @@ def test_two_gloo_processes_match_one(folder, tmp_path):
     teach2 = load_file(str(tmp_path / "t2" / "model.safetensors"))
     diff = max(float((teach1[k] - teach2[k]).abs().max()) for k in teach1)
     assert diff < 1e-4, diff  # dense training: same weights up to float summation order
+
+
+def test_two_gloo_processes_match_one_with_timm_augmentation(folder, tmp_path):
+    """RandAugment (loader), random erasing and Mixup / CutMix (loop; partners on the other rank) are
+    drawn per image and per step: 2 processes train the same weights as 1."""
+    aug = ["--set", "augment.auto_augment=rand-m9-mstd0.5-inc1", "--set", "augment.re_prob=0.5",
+           "--set", "augment.mixup=0.8", "--set", "augment.cutmix=1.0"]
+    w = {}
+    for n in (1, 2):
+        t = tmp_path / f"t{n}"
+        p = _torchrun(n, ["train", "--model", "deit_tiny_patch16_224", "--model-arg", KW, "--epochs", "1",
+                          "--lr", "2e-3", "--warmup-epochs", "0.2", "--out", str(t), "--data", str(folder),
+                          "--workers", "0", "--batch-size", "16", "--device", "cpu", *aug], tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+        from safetensors.torch import load_file
+
+        w[n] = load_file(str(t / "model.safetensors"))
+    diff = max(float((w[1][k] - w[2][k]).abs().max()) for k in w[1])
+    assert diff < 1e-4, diff

@@ -1,8 +1,10 @@
 """Datasets: ImageFolder directories and .zip files of that layout, and the embedded MNIST-5k.
 
 Every source yields ``uint8`` images ``[C, H, W]`` already resized to the model's input size, so
-batches cross to the GPU at a quarter of the float bytes; augmentation (pad-and-crop, flip) and
-normalization run batched on the device (``prepare_batch``). Small datasets can be decoded once
+batches cross to the GPU at a quarter of the float bytes; normalization and the cheap augmentation
+(pad-and-crop, flip of CIFAR-size images) run batched on the device (``prepare_batch``). Per-image
+timm augmentation (RandomResizedCrop, RandAugment, colour jitter: ``gpusq.augment``) runs in the
+loader, seeded per image from (seed, epoch, index). Small datasets can be decoded once
 into memory (``cache=True``); large ones stream through worker processes, holding only file names.
 
 Layout: a root with ``train/`` and ``val/`` (or ``test/``) class folders, or a folder of class
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from gpusq.augment import AugmentConfig, AugmentedImages, run_seeded, split_key, train_transforms
 from gpusq.errors import GpusqError
 
 IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -37,20 +40,28 @@ class DataInfo:
     name: str
     num_classes: int
     classes: list[str]
-    flip: bool  # horizontal flips are a valid augmentation (not for digits)
+    flip: float  # probability of the device's horizontal flip (0: none; the loader may flip instead)
     crop_pad: float = 0.125  # random-crop padding as a fraction of the image side (0: no crop)
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """A list of (file, label) read from a directory or a zip; decoded in ``__getitem__``."""
+    """A list of (file, label) read from a directory or a zip; decoded in ``__getitem__``.
+
+    ``transform``: PIL → PIL before the resize to the model size (ImageNet-style crops and flips);
+    ``post``: PIL → PIL after it (RandAugment / colour jitter), skipped for calibration batches. Random
+    ones are seeded per image from the ``(index, seed, epoch, augment)`` keys ``Batches`` passes
+    (``seeded_transform``).
+    """
 
     def __init__(self, source: str, files: list[tuple[str, int]], classes: list[str], size: tuple[int, int, int],
-                 zip_path: str | None = None, skip_bad: bool = False, transform=None, random_transform: bool = False):
+                 zip_path: str | None = None, skip_bad: bool = False, transform=None, random_transform: bool = False,
+                 post=None):
         self.source, self.files, self.classes = source, files, classes
         self.chans, self.h, self.w = size
         self.zip_path, self.skip_bad = zip_path, skip_bad
-        # a torchvision transform PIL → PIL at the model size (standard ImageNet-style crops)
         self.transform, self.random_transform = transform, random_transform
+        self.post = post
+        self.seeded_transform = random_transform or post is not None
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid = -1
 
@@ -65,15 +76,19 @@ class ImageFiles(torch.utils.data.Dataset):
             self._zip_pid = os.getpid()
         return Image.open(io.BytesIO(self._zip.read(name)))
 
-    def load(self, i: int) -> torch.Tensor | None:
+    def load(self, i: int, seed: tuple | None = None, augment: bool = True) -> torch.Tensor | None:
+        """Image ``i`` as uint8 CHW; random transforms seeded from ``(*seed, i)`` (None: unseeded);
+        ``augment`` False: without ``post``."""
         name, _ = self.files[i]
         try:
             with self._open(name) as im:
                 im = im.convert("L" if self.chans == 1 else "RGB")
                 if self.transform is not None:
-                    im = self.transform(im)
+                    im = run_seeded(self.transform, im, seed, (i,))
                 if im.size != (self.w, self.h):
                     im = im.resize((self.w, self.h), Image.BILINEAR)
+                if self.post is not None and augment:
+                    im = run_seeded(self.post, im, seed, (i, 1))
                 arr = np.asarray(im, dtype=np.uint8)
         except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
             if self.skip_bad:
@@ -86,8 +101,9 @@ class ImageFiles(torch.utils.data.Dataset):
         chw = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         return torch.from_numpy(np.array(chw, order="C"))  # a writable contiguous copy
 
-    def __getitem__(self, i: int):
-        return self.load(i), self.files[i][1]
+    def __getitem__(self, key):
+        i, seed, augment = split_key(key)
+        return self.load(i, seed, augment), self.files[i][1]
 
 
 def collate_skip_bad(batch):
@@ -201,14 +217,23 @@ def mnist5k_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x[idx]).unsqueeze(1), torch.from_numpy(y[idx])
 
 
-def build_dataset(data: str, split: str, size: tuple[int, int, int], skip_bad: bool = False):
-    """(dataset, info) for ``data`` = 'mnist5k', an ImageFolder root, or a .zip of one."""
+def build_dataset(data: str, split: str, size: tuple[int, int, int], skip_bad: bool = False,
+                  augment: AugmentConfig | None = None):
+    """(dataset, info) for ``data`` = 'mnist5k', an ImageFolder root, or a .zip of one.
+
+    ``augment`` (training split only): the timm augmentation of ``gpusq.augment``; default: gpusq's
+    standard one (flips for image folders, none for mnist5k digits)."""
     if split not in SPLIT_NAMES:
         raise ValueError(split)
+    aug = (augment or AugmentConfig()) if split == "train" else None
     if data == "mnist5k":
         x, y = mnist5k_split(split)
         x = _resize_u8(x, size)
-        return torch.utils.data.TensorDataset(x, y), DataInfo("mnist5k", 10, [str(i) for i in range(10)], False, 2 / 28)
+        ds = torch.utils.data.TensorDataset(x, y)
+        flip = aug.flip_prob(0.0) if aug else 0.0  # digits: no flips unless asked for
+        post = train_transforms(aug, size, crop=False, flip=0.0, mean=_mean(size[0]))[1] if aug else None
+        return (AugmentedImages(ds, post) if post else ds), DataInfo("mnist5k", 10, [str(i) for i in range(10)], flip,
+                                                                    2 / 28)
     p = Path(data)
     if not p.exists():
         raise GpusqError(f"data path not found: {data}")
@@ -220,32 +245,35 @@ def build_dataset(data: str, split: str, size: tuple[int, int, int], skip_bad: b
     else:
         label = str(_split_dir(p, split))
         files, classes = _class_files(_scan_dir(Path(label)), label)
-    tf = standard_transform(split, size)
+    flip = aug.flip_prob(0.5) if aug else 0.0
+    large = min(size[1], size[2]) >= STANDARD_MIN_SIZE
+    if aug is not None:  # CIFAR-size: colour / policy per image here, crop + flip on the device
+        tf, post = train_transforms(aug, size, crop=large, flip=flip, mean=_mean(size[0]))
+    else:
+        tf, post = standard_transform(split, size), None
     ds = ImageFiles(label, files, classes, size, zip_path=str(p) if p.is_file() else None, skip_bad=skip_bad,
-                    transform=tf, random_transform=tf is not None and split == "train")
-    if tf is not None:  # the workers augment (RandomResizedCrop + flip); nothing more on the device
-        return ds, DataInfo(p.stem, len(classes), classes, False, 0.0)
-    return ds, DataInfo(p.stem, len(classes), classes, True)
+                    transform=tf, random_transform=tf is not None and split == "train", post=post)
+    if large:  # the loader augments (RandomResizedCrop + flip ...); nothing more on the device
+        return ds, DataInfo(p.stem, len(classes), classes, 0.0, 0.0)
+    return ds, DataInfo(p.stem, len(classes), classes, flip)
 
 
 STANDARD_MIN_SIZE = 128
 
 
-def standard_transform(split: str, size: tuple[int, int, int]):
-    """ImageNet-style transforms for models of >= 128 px input (None below: CIFAR-size images
-    are resized whole and augmented on the device with pad-and-crop + flip).
+def _mean(chans: int) -> tuple[float, ...]:
+    return MEAN.get(chans, (0.5,) * chans)
 
-    train: RandomResizedCrop(size, scale=(0.08, 1)) + RandomHorizontalFlip (timm/torchvision
-    defaults); eval: Resize(size / 0.875) + CenterCrop(size) (timm's ``crop_pct`` 0.875).
-    """
+
+def standard_transform(split: str, size: tuple[int, int, int]):
+    """Evaluation transforms of models of >= 128 px input: Resize(size / 0.875) + CenterCrop(size)
+    (timm's ``crop_pct`` 0.875); None below (CIFAR-size images are resized whole). Training
+    transforms: ``gpusq.augment.train_transforms`` (timm's RandomResizedCrop + flip + ...)."""
     _, h, w = size
-    if min(h, w) < STANDARD_MIN_SIZE:
+    if min(h, w) < STANDARD_MIN_SIZE or split == "train":
         return None
     from torchvision import transforms as T
 
-    if split == "train":
-        return T.Compose([T.RandomResizedCrop((h, w), scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                          T.RandomHorizontalFlip()])
     return T.Compose([T.Resize(int(round(min(h, w) / 0.875)), interpolation=T.InterpolationMode.BICUBIC),
                       T.CenterCrop((h, w))])
 
@@ -263,17 +291,24 @@ def _resize_u8(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
 def cache_in_memory(ds) -> torch.utils.data.Dataset:
     """Decode every image once (for small datasets: CIFAR-size sets fit in tens of MB).
 
-    A dataset with random per-image transforms is returned as is (caching would freeze them).
+    A dataset with random transforms before the resize is returned as is (caching would freeze
+    them); one with a ``post`` transform (RandAugment of CIFAR-size images) is decoded without it and
+    wrapped in ``AugmentedImages``, which applies it per image with the same seeds.
     """
-    if isinstance(ds, torch.utils.data.TensorDataset) or getattr(ds, "random_transform", False):
+    if isinstance(ds, (torch.utils.data.TensorDataset, AugmentedImages)) or getattr(ds, "random_transform", False):
         return ds
-    loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=min(8, os.cpu_count() or 1),
-                                         collate_fn=collate_skip_bad)
-    xs, ys = [], []
-    for x, y, _ in _iter_loader(loader):
-        xs.append(x)
-        ys.append(y)
-    return torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
+    post, ds.post = ds.post, None
+    try:
+        loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=min(8, os.cpu_count() or 1),
+                                             collate_fn=collate_skip_bad)
+        xs, ys = [], []
+        for x, y, _ in _iter_loader(loader):
+            xs.append(x)
+            ys.append(y)
+    finally:
+        ds.post = post
+    cached = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
+    return AugmentedImages(cached, post) if post is not None else cached
 
 
 class Batches:
@@ -286,7 +321,7 @@ class Batches:
 
     def __init__(self, ds, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 4,
                  pin: bool = False, drop_last: bool = False, rank: int = 0, world: int = 1,
-                 even: bool = True):
+                 even: bool = True, augment: bool = True):
         if batch_size <= 0:
             raise GpusqError(f"batch size must be > 0, got {batch_size}")
         self.ds, self.bs, self.shuffle, self.seed = ds, batch_size, shuffle, seed
@@ -295,6 +330,7 @@ class Batches:
         self.even = even  # pad shards to equal length (training); False: exact split (evaluation)
         self.epoch = 0
         self.skip = 0
+        self.augment = augment  # False: no colour / policy augmentation (calibration batches)
 
     def indices(self) -> torch.Tensor:
         n = len(self.ds)
@@ -327,17 +363,22 @@ class Batches:
             for c in chunks:
                 yield x_all[c], y_all[c], 0
             return
+        if getattr(self.ds, "seeded_transform", False):  # per-image seeds: (index, seed, epoch)
+            sampler = [[(i, self.seed, self.epoch, self.augment) for i in c.tolist()] for c in chunks]
+        else:
+            sampler = [c.tolist() for c in chunks]
         loader = torch.utils.data.DataLoader(
-            self.ds, batch_sampler=[c.tolist() for c in chunks], num_workers=self.workers,
+            self.ds, batch_sampler=sampler, num_workers=self.workers,
             pin_memory=self.pin, collate_fn=collate_skip_bad, persistent_workers=False,
         )
         yield from _iter_loader(loader)
 
 
-def prepare_batch(x: torch.Tensor, device: torch.device, train: bool, flip: bool,
+def prepare_batch(x: torch.Tensor, device: torch.device, train: bool, flip: bool | float,
                   generator: torch.Generator | None = None, crop_pad: float = 0.125,
                   shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """uint8 [B,C,H,W] → normalized float on ``device``; when training, random pad-crop (+flip).
+    """uint8 [B,C,H,W] → normalized float on ``device``; when training, random pad-crop (+flip with
+    probability ``flip``: True is 0.5, False or 0 none).
 
     ``shard`` = (rank, world): this batch is the strided share ``rank::world`` of a global batch
     (``Batches`` with ``world`` > 1); the random draws are made for the global batch and sliced
@@ -352,9 +393,10 @@ def prepare_batch(x: torch.Tensor, device: torch.device, train: bool, flip: bool
     return (x - mean) / std
 
 
-def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None = None,
+def random_crop_flip(x: torch.Tensor, pad: int, flip: bool | float, generator: torch.Generator | None = None,
                      shard: tuple[int, int] = (0, 1)):
-    """Per-sample random crop after reflect padding, and optional horizontal flip, batched."""
+    """Per-sample random crop after reflect padding, and a horizontal flip with probability ``flip``
+    (True: 0.5; 0 or False: none, and no draw), batched."""
     b, c, h, w = x.shape
     dev = x.device
     rk, ws = shard
@@ -365,7 +407,8 @@ def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Gen
     bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
     ci = torch.arange(c, device=dev).view(1, c, 1, 1)
     out = xp[bi, ci, rows, cols]
-    if flip:
-        f = (torch.rand(b * ws, generator=generator)[rk::ws] < 0.5).to(dev).view(b, 1, 1, 1)
+    p = 0.5 if flip is True else float(flip)
+    if p > 0:
+        f = (torch.rand(b * ws, generator=generator)[rk::ws] < p).to(dev).view(b, 1, 1, 1)
         out = torch.where(f, out.flip(-1), out)
     return out

@@ -19,6 +19,7 @@ import yaml
 from torch import nn
 
 from gpusq import distributed as D
+from gpusq.augment import AugmentConfig, batch_augment
 from gpusq.checkpoint import (
     atomic_write,
     atomic_write_text,
@@ -63,19 +64,20 @@ class Loaders:
 
 
 def build_loaders(opts: DataOptions, size: tuple[int, int, int], batch_size: int, device: torch.device,
-                  rank: int | None = None, world: int | None = None) -> Loaders:
-    """Train/val batches; under torchrun each rank gets ``batch_size / world`` of every global batch."""
+                  rank: int | None = None, world: int | None = None, augment: AugmentConfig | None = None) -> Loaders:
+    """Train/val batches; under torchrun each rank gets ``batch_size / world`` of every global batch.
+    ``augment``: the training split's per-image augmentation (``gpusq.augment``)."""
     rank = D.rank() if rank is None else rank
     world = D.world() if world is None else world
     if batch_size % world:
         raise GpusqError(f"the batch size {batch_size} is not divisible by the {world} processes; "
                          f"use a multiple of {world}")
     global_bs, batch_size = batch_size, batch_size // world
-    key = (opts.data, tuple(size), opts.skip_bad_images)
+    key = (opts.data, tuple(size), opts.skip_bad_images, repr(augment or AugmentConfig()))
     if opts.cache is not False and key in _DECODED:
         train_ds, val_ds, info = _DECODED[key]
     else:
-        train_ds, info = build_dataset(opts.data, "train", size, opts.skip_bad_images)
+        train_ds, info = build_dataset(opts.data, "train", size, opts.skip_bad_images, augment)
         val_ds, val_info = build_dataset(opts.data, "val", size, opts.skip_bad_images)
         check_same_split_classes(info.classes, val_info.classes, opts.data)
         cache = opts.cache
@@ -101,12 +103,14 @@ def sample_batches(batches: Batches, n: int, device: torch.device) -> list[torch
     out = []
     saved = batches.epoch
     batches.epoch = 10_000  # an order independent of training's
+    batches.augment = False  # no RandAugment / colour jitter (crops of >= 128 px images stay)
     for x, y, _ in batches:
         if len(y):
             out.append(prepare_batch(x, device, train=False, flip=False))
         if len(out) >= n:
             break
     batches.epoch = saved
+    batches.augment = True
     return out
 
 
@@ -189,11 +193,12 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
                 epochs: float = 10, lr: float = 1e-3, batch_size: int = 128, warmup_epochs: float = 1.0,
                 weight_decay: float = 0.05, label_smoothing: float = 0.1, init: str | None = None,
                 resume: bool = False, device: torch.device | None = None, progress: bool = True,
-                net: nn.Module | None = None, compile: bool = False) -> dict:
+                net: nn.Module | None = None, compile: bool = False, augment: AugmentConfig | None = None) -> dict:
     """Train (or fine-tune from ``init``) a dense model; writes ``out/model.safetensors`` + report.
 
     The data's classes must be those recorded with ``init`` (or with ``net``, as ``net.gpusq_classes``),
-    and their number the model's head size; the output records them."""
+    and their number the model's head size; the output records them. ``augment``: the training
+    augmentation (default: gpusq's standard crop + flip)."""
     out = Path(out)
     _prepare_out(out, resume)
     device = device or default_device()
@@ -202,7 +207,7 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
         net, model, model_kwargs = resolve_model(model, model_kwargs, init)
     net.to(device)
     D.broadcast_module_(net)  # identical initial weights on every rank
-    loaders = build_loaders(data, model_input_size(net), batch_size, device)
+    loaders = build_loaders(data, model_input_size(net), batch_size, device, augment=augment)
     classes = loaders.info.classes
     init_classes = getattr(net, "gpusq_classes", None)
     if init or init_classes is not None:
@@ -217,7 +222,9 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
                       warmup_epochs=warmup_epochs, batch_size=batch_size, label_smoothing=label_smoothing)
     res = train_stage("train", net, loaders.train, cfg, device, flip=loaders.info.flip, crop_pad=loaders.info.crop_pad,
                       ckpt_path=out / "checkpoints" / "train.safetensors", resume=resume, seed=data.seed,
-                      progress=progress, compile=compile)
+                      progress=progress, compile=compile,
+                      batch_aug=batch_augment(augment, loaders.info.num_classes, data.seed, label_smoothing,
+                                              (loaders.train.rank, loaders.train.world)))
     metrics = evaluate(net, loaders.val, device, progress=progress)
     report = {"kind": "dense", "model": model, "model_kwargs": model_kwargs, "data": data.data,
               "classes": classes, "metrics": metrics, "history": res.history,
@@ -258,7 +265,7 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
     D.broadcast_module_(teacher)  # replicated teacher: identical on every rank, so are the masks
     size = model_input_size(teacher)
     bs = data.batch_size or recipe.train.stage1.batch_size
-    loaders = build_loaders(data, size, bs, device)
+    loaders = build_loaders(data, size, bs, device, augment=recipe.augment)
     classes = loaders.info.classes
     if teacher_classes is None:
         teacher_classes = getattr(teacher, "gpusq_classes", None)
@@ -313,7 +320,9 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
                          crop_pad=loaders.info.crop_pad, teacher=teacher,
                          loss_fn=loss1, feature_names=feats, ckpt_path=ck / "stage1.safetensors",
                          ckpt_every=ckpt_every, resume=resume, seed=data.seed, eval_fn=ev if epoch_eval else None,
-                         progress=progress, compile=compile)
+                         progress=progress, compile=compile,
+                         batch_aug=batch_augment(recipe.augment, loaders.info.num_classes, data.seed,
+                                                 cfg1.label_smoothing, (loaders.train.rank, loaders.train.world)))
         hist1 = r1.history
         imp = sample_batches(loaders.train, recipe.train.importance_batches, device)
         names = feature_layers(teacher, recipe.distill.features)
@@ -353,7 +362,9 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
                          teacher=teacher2, loss_fn=loss2, feature_names=feats,
                          ckpt_path=ck / "stage2.safetensors", ckpt_every=ckpt_every, resume=resume,
                          seed=data.seed + 1, eval_fn=ev if epoch_eval else None, progress=progress,
-                         compile=compile)
+                         compile=compile,
+                         batch_aug=batch_augment(recipe.augment, loaders.info.num_classes, data.seed + 1,
+                                                 cfg2.label_smoothing, (loaders.train.rank, loaders.train.world)))
         hist2 = r2.history
     # the final metrics are the stored model's (codes + bf16 dense tensors): what `gpusq eval` of the
     # output reproduces exactly

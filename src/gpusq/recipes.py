@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from gpusq.augment import AugmentConfig
 from gpusq.distill import DistillConfig
 from gpusq.errors import GpusqError, close_matches
 from gpusq.quant import QuantConfig, QuantSpec
@@ -88,6 +89,7 @@ class Recipe:
     quant: QuantConfig = field(default_factory=lambda: QuantConfig(QuantSpec(), QuantSpec()))
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentation (gpusq.augment)
     deploy: DeployConfig = field(default_factory=DeployConfig)
 
     @property
@@ -148,6 +150,8 @@ def _coerce(hint, value: Any, where: str):
         return _build(hint, value, where)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):  # an optional field: null
+            return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
         origin = typing.get_origin(hint)
     bad = GpusqError(f"recipe: bad value for '{where}': {value!r}")

@@ -199,7 +199,7 @@ def train_stage(
     cfg: StageConfig,
     device: torch.device,
     *,
-    flip: bool,
+    flip: bool | float,
     crop_pad: float = 0.125,
     teacher: nn.Module | None = None,
     loss_fn: DistillationLoss | None = None,
@@ -213,12 +213,15 @@ def train_stage(
     extra_state: dict[str, Any] | None = None,
     ddp_model: nn.Module | None = None,
     compile: bool = False,
+    batch_aug: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> StageResult:
     """Train ``student`` for ``stage_steps(cfg, ...)`` steps (``cfg.epochs``, at least ``cfg.min_steps``); with a
     teacher, with the distillation loss.
 
     ``ckpt_path`` (``ckpt_every`` steps, and every epoch end) makes the stage resumable exactly:
-    model, optimizer, step, RNG and sampler position are restored with ``resume``.
+    model, optimizer, step, RNG and sampler position are restored with ``resume``. ``batch_aug``:
+    ``x, y = batch_aug(x, y, step)`` on each normalized batch (``gpusq.augment.BatchAugment``:
+    random erasing, Mixup / CutMix → soft targets), seeded by the step, so resume stays exact.
     """
     steps_per_epoch = len(train_batches)
     total = stage_steps(cfg, steps_per_epoch)
@@ -304,6 +307,9 @@ def train_stage(
                     g["lr"] = lr_at(step, total, warmup, cfg)
                 x = prepare_batch(x, device, train=True, flip=flip, generator=aug, crop_pad=crop_pad, shard=shard)
                 y = y.to(device, non_blocking=True)
+                y_hard = y
+                if batch_aug is not None:  # erasing, Mixup / CutMix: y may become soft targets
+                    x, y = batch_aug(x, y, step)
                 with autocast(device):
                     t_logits = None
                     if teacher is not None:
@@ -314,7 +320,8 @@ def train_stage(
                         loss, _parts = loss_fn(logits, y, t_logits, hs.features if hs else None,
                                                ht.features if ht else None)
                     else:
-                        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                        loss = F.cross_entropy(logits.float(), y,  # soft targets: already smoothed
+                                               label_smoothing=0.0 if y.is_floating_point() else cfg.label_smoothing)
                 if not D.all_finite(bool(torch.isfinite(loss))):  # every rank stops together
                     bad_loss = float(loss.detach()) if not torch.isfinite(loss) else "non-finite on another rank"
                     raise GpusqError(
@@ -328,7 +335,7 @@ def train_stage(
                 opt.step()
                 step += 1
                 seen += len(y)
-                correct += int((logits.detach().argmax(1) == y).sum())
+                correct += int((logits.detach().argmax(1) == y_hard).sum())
                 count += len(y)
                 loss_sum += float(loss.detach()) * len(y)
                 bar.update(1)

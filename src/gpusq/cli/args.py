@@ -3,6 +3,8 @@
 ``--json [FILE]``: the command's result as JSON, on stdout (bare ``--json``) or written to FILE (then
 the usual human-readable line is printed too). ``--model-arg KEY=VALUE``: a model constructor keyword
 (repeatable, or comma-separated). ``--out`` / ``--overwrite`` / ``--resume``: where an output goes.
+``--set KEY=VALUE``: a recipe field (``train`` has no recipe: only its ``augment.*`` fields);
+``--no-flip``: ``augment.hflip=0``.
 ``--batch`` lists: ``parse_batches``.
 """
 
@@ -28,17 +30,51 @@ def add_model_arg(ap: argparse.ArgumentParser, help: str | None = None) -> None:
 def add_recipe_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--recipe", default="int8", help="int8 | int4 | fp8 | sparse | a YAML file")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a recipe field, e.g. train.stage1.epochs=2 (repeatable)")
+                    help="override a recipe field, e.g. train.stage1.epochs=2 or augment.mixup=0.8 (repeatable)")
 
 
-def recipe_of(args: argparse.Namespace):
-    """The ``--recipe`` with every ``--set`` override merged in (strictly checked by ``load_recipe``)."""
-    from gpusq.recipes import _merge, load_recipe, parse_override
+def add_augment_args(ap: argparse.ArgumentParser) -> None:
+    """``gpusq train`` (no recipe): ``--set augment.FIELD=VALUE`` and ``--no-flip``."""
+    ap.add_argument("--set", action="append", default=[], metavar="augment.FIELD=VALUE",
+                    help="training augmentation, e.g. augment.auto_augment=rand-m9-mstd0.5-inc1, augment.mixup=0.8 "
+                         "(repeatable; the recipe's augment section: docs/augment.md)")
+    add_no_flip(ap)
+
+
+def add_no_flip(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--no-flip", action="store_true",
+                    help="no horizontal flips in training (digits, text, many medical images): augment.hflip=0")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    from gpusq.recipes import _merge, parse_override
 
     overrides: dict = {}
     for s in args.set:
         overrides = _merge(overrides, parse_override(s))
-    return load_recipe(args.recipe, overrides)
+    if getattr(args, "no_flip", False):
+        overrides = _merge(overrides, {"augment": {"hflip": 0.0}})
+    return overrides
+
+
+def recipe_of(args: argparse.Namespace):
+    """The ``--recipe`` with every ``--set`` override (and ``--no-flip``) merged in (strictly checked by
+    ``load_recipe``)."""
+    from gpusq.recipes import load_recipe
+
+    return load_recipe(args.recipe, _overrides(args))
+
+
+def augment_of(args: argparse.Namespace):
+    """``gpusq train``'s augmentation: its ``--set augment.*`` and ``--no-flip`` over the defaults."""
+    from gpusq.augment import AugmentConfig
+    from gpusq.recipes import _build
+
+    over = _overrides(args)
+    other = next((k for k in over if k != "augment"), None)
+    if other is not None:
+        raise GpusqError(f"--set {other}...: gpusq train has no recipe, only augment.* fields can be set")
+    return _build(AugmentConfig, over.get("augment", {}), "augment")
 
 
 def add_out_args(ap: argparse.ArgumentParser) -> None:

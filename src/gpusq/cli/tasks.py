@@ -77,6 +77,10 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
             task_spec(task, a.model)
         clear = check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
         recipe = recipe_of(a)
+        from gpusq.augment import AugmentConfig
+
+        if recipe.augment != AugmentConfig():  # the task pipelines have their own data transforms
+            raise GpusqError(f"the recipe's augment section is for classification; --task {task} does not use it")
         clear()
         rep = compress_task(task, a.teacher, recipe, a.data, a.out, model=a.model,
                             model_kwargs=parse_model_kwargs(a.model_arg), val_data=a.val_data,

@@ -12,7 +12,17 @@ import torch
 import yaml
 
 from gpusq import distributed as D
-from gpusq.cli.args import add_json, add_model_arg, add_out_args, add_recipe_args, emit_json, recipe_of
+from gpusq.cli.args import (
+    add_augment_args,
+    add_json,
+    add_model_arg,
+    add_no_flip,
+    add_out_args,
+    add_recipe_args,
+    augment_of,
+    emit_json,
+    recipe_of,
+)
 from gpusq.errors import GpusqError
 from gpusq.models import parse_model_kwargs
 from gpusq.outdir import check_out_dir
@@ -112,17 +122,19 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.add_argument("--warmup-epochs", type=float, default=1.0)
         ap.add_argument("--weight-decay", type=float, default=0.05)
         ap.add_argument("--label-smoothing", type=float, default=0.1)
+        add_augment_args(ap)
         add_out_args(ap)
         ap.add_argument("--compile", action="store_true", help="torch.compile the model for training")
         add_json(ap, "the final metrics")
         a = ap.parse_args(argv)
         d = _data_opts(a)
+        augment = augment_of(a)
         clear = check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
         rep = _run_writing(a.out, clear, lambda: train_dense(
             a.model, parse_model_kwargs(a.model_arg), d, a.out, epochs=a.epochs, lr=a.lr,
             batch_size=a.batch_size or 128, warmup_epochs=a.warmup_epochs, weight_decay=a.weight_decay,
             label_smoothing=a.label_smoothing, init=a.init, resume=a.resume, device=_device(a),
-            compile=a.compile))
+            compile=a.compile, augment=augment))
         if D.is_main():
             _print_metrics(rep["metrics"], a.json, f"dense model written to {a.out}")
         return 0
@@ -133,6 +145,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.add_argument("--teacher", required=True, help="the trained dense model (gpusq train output dir, "
                         ".safetensors or timm .pth)")
         add_recipe_args(ap)
+        add_no_flip(ap)
         add_out_args(ap)
         ap.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps")
         ap.add_argument("--stage1-from", default=None, help="reuse the stage1/ dir of an earlier run")
