@@ -21,7 +21,7 @@ if ls .carry/teacher/teacher.tar.part* >/dev/null 2>&1; then
 else
   python3 benchmarks/cifar10_accuracy.py --data .carry/cifar10-jpeg-20k.zip --out /tmp/cifar --teacher-only \
     "${targs[@]}" 2>&1 | tee "$OUT/teacher.log"
-  tar -c -C /tmp/cifar/teacher . | split -b 15M - "$OUT/teacher.tar.part"
+  tar -c -C /tmp/cifar/teacher --exclude=checkpoints . | split -b 15M - "$OUT/teacher.tar.part"
 fi
 echo "teacher ready after $(( $(date +%s) - start ))s"
 [ $# -gt 0 ] || exit 0
