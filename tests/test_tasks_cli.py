@@ -93,7 +93,9 @@ def test_teacher_weights_file_with_model(data, tmp_path, capsys):
     assert len(_json_out(capsys)["compressed_layers"]) == 16
     bad = [(["--model", "maskrcnn_swin_t"], "does not match maskrcnn_swin_t"),
            ([], "is a weights file: name its architecture with --model"),
-           (["--model", "upernet_swin_test"], "unknown detection model 'upernet_swin_test'")]
+           (["--model", "upernet_swin_test"], "unknown detection model 'upernet_swin_test'"),
+           (["--model", "maskrcnn_swin_test", "--set", "train.stage2.label_smoothing=0.1"],
+            "train.stage2.label_smoothing is for classification")]  # a recipe field a task cannot use
     for extra, msg in bad:
         assert main(["compress", "--teacher", str(tmp_path / "mine.pth"), "--out", str(tmp_path / "d"),
                      *extra, *common]) == 2

