@@ -95,7 +95,8 @@ class Adapter(Protocol):
 
     ``batches`` yields raw batches (a ``gpusq.data.Batches``: ``epoch``/``skip`` for exact resume,
     ``rank``/``world`` for torchrun shards); ``prepare`` moves one to the device (augmenting it on the
-    device when ``train``: the random draws are made for the global batch, ``shard`` = (rank, world)).
+    device when ``train``: the random draws are made for the global batch, ``shard`` = (rank, world);
+    ``step``, the optimizer step, can seed per-step draws so that resume stays exact).
     ``forward(model, run, batch, label_smoothing)``: ``run`` is what to call (``model`` itself, its DDP
     wrapper or its compiled form); hooks go on ``model``. ``teacher_forward`` runs the teacher on the
     same input (feature hooks fill) and returns what ``logit_kd`` needs. ``infer`` is a plain forward
@@ -111,7 +112,7 @@ class Adapter(Protocol):
     def size(self, batch: Any) -> int: ...
 
     def prepare(self, batch: Any, device: torch.device, train: bool, generator: torch.Generator | None = None,
-                shard: tuple[int, int] = (0, 1)) -> Any: ...
+                shard: tuple[int, int] = (0, 1), step: int = 0) -> Any: ...
 
     def forward(self, model: nn.Module, run: Callable, batch: Any, label_smoothing: float) -> Step: ...
 
@@ -336,7 +337,7 @@ def train_stage(
                     continue
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, total, warmup, cfg)
-                batch = adapter.prepare(raw, device, train=True, generator=aug, shard=shard)
+                batch = adapter.prepare(raw, device, train=True, generator=aug, shard=shard, step=step)
                 with autocast(device):
                     t_out = None
                     if kd is not None and (kd.beta > 0 or names):

@@ -144,7 +144,7 @@ class ClassificationAdapter:
         return len(batch[1])
 
     def prepare(self, batch, device: torch.device, train: bool, generator: torch.Generator | None = None,
-                shard: tuple[int, int] = (0, 1)):
+                shard: tuple[int, int] = (0, 1), step: int = 0):
         x, y, _ = batch
         x = prepare_batch(x, device, train=train, flip=self.flip and train, generator=generator,
                           crop_pad=self.crop_pad, shard=shard)

@@ -212,7 +212,9 @@ def losses(model: nn.Module, batch: dict[str, Any], run: Callable | None = None)
     _check_labels(model, batch)
     out = run(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
     with torch.no_grad():
-        idx = _matcher(model)({"logits": out.logits.detach(), "pred_boxes": out.pred_boxes.detach()}, batch["labels"])
+        # fp32 costs (bf16 under autocast on GPU): scipy assigns on them
+        idx = _matcher(model)({"logits": out.logits.detach().float(), "pred_boxes": out.pred_boxes.detach().float()},
+                              batch["labels"])
     return {"loss_detr": out.loss, "_logits": out.logits, "_indices": idx}
 
 

@@ -534,7 +534,7 @@ class TaskAdapter:
         return self.t.size(batch)
 
     def prepare(self, batch, device: torch.device, train: bool, generator: torch.Generator | None = None,
-                shard: tuple[int, int] = (0, 1)):
+                shard: tuple[int, int] = (0, 1), step: int = 0):
         return self.t.to_device(batch, device)
 
     def forward(self, model: nn.Module, run: Callable, batch, label_smoothing: float) -> Step:
