@@ -14,9 +14,10 @@ from gpusq import augment as A
 from gpusq.augment import AugmentConfig, BatchAugment, batch_augment, train_transforms
 from gpusq.cli.args import augment_of, recipe_of
 from gpusq.data import Batches, build_dataset, cache_in_memory, prepare_batch, random_crop_flip
+from gpusq.engine import load_latest_state, prev_path, train_stage
 from gpusq.errors import GpusqError
+from gpusq.pipeline import ClassificationAdapter
 from gpusq.recipes import StageConfig, load_recipe, parse_override
-from gpusq.train import load_latest_state, prev_path, train_stage
 from tests.helpers import make_colour_folder
 
 
@@ -220,8 +221,9 @@ def test_augmented_stage_resumes_exactly(tmp_path, capsys):
 
     def run(net, resume=False):
         train_stage("s", net, Batches(ds, 8, shuffle=True, drop_last=True, workers=0), cfg, torch.device("cpu"),
-                    flip=info.flip, crop_pad=info.crop_pad, ckpt_path=tmp_path / "ck.safetensors", ckpt_every=2,
-                    resume=resume, progress=False, batch_aug=batch_augment(cfg_aug, 4, 0, 0.1))
+                    adapter=ClassificationAdapter(None, torch.device("cpu"), flip=info.flip, crop_pad=info.crop_pad,
+                                                  augment=cfg_aug, num_classes=4),
+                    ckpt_path=tmp_path / "ck.safetensors", ckpt_every=2, resume=resume, progress=False)
 
     def net():
         torch.manual_seed(0)
@@ -284,4 +286,4 @@ def test_tasks_refuse_an_augment_section(tmp_path, capsys):
 
     rc = main(["compress", "--task", "detection", "--teacher", str(tmp_path), "--data", str(tmp_path),
                "--out", str(tmp_path / "o"), "--set", "augment.mixup=0.8"])
-    assert rc == 2 and "augment section is for classification; --task detection" in capsys.readouterr().err
+    assert rc == 2 and "augment.mixup is for classification; detection / segmentation" in capsys.readouterr().err

@@ -167,7 +167,7 @@ def test_gpu_out_of_memory_suggests_smaller_batch(capsys, tmp_path, teacher, fol
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("gpusq.pipeline.train_stage", oom)
+    monkeypatch.setattr("gpusq.engine.train_stage", oom)
     out = tmp_path / "o"
     _fails(capsys, ["compress", "--teacher", str(teacher), "--data", str(folder), "--out", str(out), *FAST],
            "GPU out of memory; try a smaller --batch-size", code=3)

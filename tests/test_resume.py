@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from gpusq.data import Batches
-from gpusq.pipeline import DataOptions, train_dense
+from gpusq.engine import load_latest_state, prev_path, train_stage
+from gpusq.pipeline import ClassificationAdapter, DataOptions, train_dense
 from gpusq.recipes import StageConfig
-from gpusq.train import load_latest_state, prev_path, train_stage
 from tests.helpers import make_colour_folder
 
 KWD = dict(img_size=16, patch_size=4, num_classes=4, embed_dim=32, depth=2, num_heads=2)
@@ -86,7 +86,8 @@ def test_truncated_checkpoint_falls_back_to_prev(tmp_path, capsys):
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3))
     cfg = StageConfig(epochs=1, lr=1e-2, min_lr=1e-4, weight_decay=0.0, warmup_epochs=0, batch_size=8)
     ck = tmp_path / "ck.safetensors"
-    train_stage("s", net, Batches(ds, 8, shuffle=True, drop_last=True), cfg, torch.device("cpu"), flip=True,
+    train_stage("s", net, Batches(ds, 8, shuffle=True, drop_last=True), cfg, torch.device("cpu"),
+                adapter=ClassificationAdapter(None, torch.device("cpu"), flip=True),
                 ckpt_path=ck, ckpt_every=2, progress=False)
     assert load_latest_state(ck)["step"] == 6 and load_latest_state(prev_path(ck))["step"] == 4
     ck.write_bytes(ck.read_bytes()[:100])  # a torn write (e.g. a copy cut short)
@@ -95,7 +96,8 @@ def test_truncated_checkpoint_falls_back_to_prev(tmp_path, capsys):
     assert st["step"] == 4 and "unreadable" in out and "using the previous checkpoint" in out
     # resuming from it continues at step 4 and finishes
     net2 = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3))
-    train_stage("s", net2, Batches(ds, 8, shuffle=True, drop_last=True), cfg, torch.device("cpu"), flip=True,
+    train_stage("s", net2, Batches(ds, 8, shuffle=True, drop_last=True), cfg, torch.device("cpu"),
+                adapter=ClassificationAdapter(None, torch.device("cpu"), flip=True),
                 ckpt_path=ck, ckpt_every=2, resume=True, progress=False)
     assert "resumed s at step 4/6" in capsys.readouterr().out
     assert torch.equal(net2[1].weight, net[1].weight)  # same end point as the uninterrupted run

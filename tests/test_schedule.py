@@ -3,8 +3,9 @@
 import torch
 
 from gpusq.data import Batches
+from gpusq.engine import stage_steps, train_stage
+from gpusq.pipeline import ClassificationAdapter
 from gpusq.recipes import StageConfig, load_recipe
-from gpusq.train import stage_steps, train_stage
 
 
 def test_stage_steps_floor_only_raises_short_stages():
@@ -32,11 +33,11 @@ def test_train_stage_runs_min_steps_across_epochs(capsys):
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3))
     cfg = StageConfig(epochs=1, min_steps=15, lr=1e-2, min_lr=1e-4, weight_decay=0.0, batch_size=8)
     res = train_stage("stage1", net, Batches(ds, 8, shuffle=True, drop_last=True), cfg, torch.device("cpu"),
-                      flip=False, progress=False)
+                      adapter=ClassificationAdapter(None, torch.device("cpu"), flip=False), progress=False)
     assert [h["step"] for h in res.history] == [6, 12, 15]  # 6 steps per epoch; the last epoch is partial
     out = capsys.readouterr().out
     assert "1 epochs are 6 steps on this data; running min_steps=15" in out and "min_steps=0" in out
     res0 = train_stage("stage1", net, Batches(ds, 8, shuffle=True, drop_last=True),
-                       StageConfig(epochs=1, min_steps=0, batch_size=8), torch.device("cpu"), flip=False,
-                       progress=False)
+                       StageConfig(epochs=1, min_steps=0, batch_size=8), torch.device("cpu"),
+                       adapter=ClassificationAdapter(None, torch.device("cpu"), flip=False), progress=False)
     assert [h["step"] for h in res0.history] == [6] and "min_steps" not in capsys.readouterr().out

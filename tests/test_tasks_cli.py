@@ -11,6 +11,8 @@ from gpusq.tasks.mnist_canvas import build_mnist_canvas
 
 pytest.importorskip("pycocotools")
 
+NO_FLOOR = ["--set", "train.stage1.min_steps=0", "--set", "train.stage2.min_steps=0"]  # exactly the epochs
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -32,7 +34,7 @@ def test_train_compress_eval(data, tmp_path, capsys):
     dense = _json_out(capsys)["metrics"]
     assert dense["images"] == 6 and 0 <= dense["bbox_map"] <= 1
 
-    assert main(["compress", "--teacher", str(t), "--recipe", "int8", "--set", "train.stage1.epochs=1",
+    assert main(["compress", "--teacher", str(t), "--recipe", "int8", "--set", "train.stage1.epochs=1", *NO_FLOOR,
                  "--set", "train.stage2.epochs=1", "--set", "train.calib_batches=2", "--out", str(c), *common]) == 0
     rep = _json_out(capsys)
     layers = rep["compressed_layers"]
@@ -84,13 +86,16 @@ def test_teacher_weights_file_with_model(data, tmp_path, capsys):
     m = create_detection_model("maskrcnn_swin_test", num_classes=11)
     torch.save(m.state_dict(), tmp_path / "mine.pth")
     common = ["--task", "detection", "--data", str(data / "val"), "--batch-size", "3", "--json",
-              "--set", "train.stage1.epochs=1", "--set", "train.stage2.epochs=1", "--set", "train.calib_batches=1"]
+              "--set", "train.stage1.epochs=1", *NO_FLOOR, "--set", "train.stage2.epochs=1",
+              "--set", "train.calib_batches=1"]
     assert main(["compress", "--teacher", str(tmp_path / "mine.pth"), "--recipe", "sparse",
                  "--model", "maskrcnn_swin_test", "--out", str(tmp_path / "c"), *common]) == 0
     assert len(_json_out(capsys)["compressed_layers"]) == 16
     bad = [(["--model", "maskrcnn_swin_t"], "does not match maskrcnn_swin_t"),
            ([], "is a weights file: name its architecture with --model"),
-           (["--model", "upernet_swin_test"], "unknown detection model 'upernet_swin_test'")]
+           (["--model", "upernet_swin_test"], "unknown detection model 'upernet_swin_test'"),
+           (["--model", "maskrcnn_swin_test", "--set", "train.stage2.label_smoothing=0.1"],
+            "train.stage2.label_smoothing is for classification")]  # a recipe field a task cannot use
     for extra, msg in bad:
         assert main(["compress", "--teacher", str(tmp_path / "mine.pth"), "--out", str(tmp_path / "d"),
                      *extra, *common]) == 2
@@ -137,7 +142,8 @@ def test_segmentation_train_compress_eval(data, tmp_path, capsys):
     assert main(["train", "--model", "upernet_swin_test", "--epochs", "1", "--out", str(t), *common]) == 0
     dense = _json_out(capsys)["metrics"]
     assert dense["images"] == 6 and 0 <= dense["miou"] <= 1 and 0 <= dense["pixel_acc"] <= 1
-    assert main(["compress", "--teacher", str(t), "--set", "train.stage1.epochs=1", "--set", "train.stage2.epochs=1",
+    assert main(["compress", "--teacher", str(t), "--set", "train.stage1.epochs=1", *NO_FLOOR,
+                 "--set", "train.stage2.epochs=1",
                  "--set", "train.calib_batches=1", "--out", str(c), *common]) == 0
     rep = _json_out(capsys)
     assert len(rep["compressed_layers"]) >= 16

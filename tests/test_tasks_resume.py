@@ -3,7 +3,7 @@ bit-for-bit the model an uninterrupted run writes (dense training and both compr
 
 import pytest
 
-import gpusq.train
+import gpusq.engine
 from gpusq.recipes import load_recipe
 from gpusq.tasks.mnist_canvas import build_mnist_canvas
 from gpusq.tasks.pipeline import CKPT_DIR, compress_task, train_dense_task
@@ -21,7 +21,7 @@ def data(tmp_path_factory):
 
 def _crash_after(monkeypatch, n: int) -> None:
     """Make the n-th checkpoint write the last thing the process does (as a kill right after it)."""
-    real = gpusq.train.save_train_state
+    real = gpusq.engine.save_train_state
     calls = {"n": 0}
 
     def save_then_die(path, state):
@@ -30,7 +30,7 @@ def _crash_after(monkeypatch, n: int) -> None:
         if calls["n"] == n:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(gpusq.train, "save_train_state", save_then_die)
+    monkeypatch.setattr(gpusq.engine, "save_train_state", save_then_die)
 
 
 def _same_file(a, b) -> bool:
@@ -60,7 +60,8 @@ def test_train_and_compress_resume_exactly(data, tmp_path, monkeypatch):
     train_dense_task("detection", "maskrcnn_swin_test", {}, data, t, cfg=cfg, resume=True)
     assert _same_file(t, ref_t)
 
-    recipe = load_recipe("int8", {"train": {"stage1": {"epochs": 2}, "stage2": {"epochs": 2}, "calib_batches": 1}})
+    stage = {"epochs": 2, "min_steps": 0}
+    recipe = load_recipe("int8", {"train": {"stage1": stage, "stage2": stage, "calib_batches": 1}})
     ref_c = tmp_path / "c_ref"
     compress_task("detection", ref_t, recipe, data, ref_c, batch_size=4)
     for crash in (1, 3):  # after stage 1's first epoch; after stage 2's first epoch

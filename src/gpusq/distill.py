@@ -36,8 +36,9 @@ Two measures of "suffered" (``distill.importance``):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -147,18 +148,22 @@ def layer_weights(distortion: dict[str, float], feature_mse: dict[str, float] | 
 
 @torch.no_grad()
 def measure_distortion(
-    student: nn.Module, teacher: nn.Module, batches: Iterable[torch.Tensor], names: list[str]
+    student: nn.Module, teacher: nn.Module, batches: Iterable[Any], names: list[str],
+    forward: Callable[[nn.Module, Any], Any] | None = None,
 ) -> dict[str, float]:
     """Relative feature distortion d_l of ``student`` vs ``teacher`` per layer over ``batches``."""
-    return measure_feature_errors(student, teacher, batches, names)[0]
+    return measure_feature_errors(student, teacher, batches, names, forward)[0]
 
 
 @torch.no_grad()
 def measure_feature_errors(
-    student: nn.Module, teacher: nn.Module, batches: Iterable[torch.Tensor], names: list[str]
+    student: nn.Module, teacher: nn.Module, batches: Iterable[Any], names: list[str],
+    forward: Callable[[nn.Module, Any], Any] | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Per layer over ``batches``: the relative distortion ``||S-T||^2 / ||T||^2`` and the mean
-    squared error ``MSE(S, T)`` (``feature_loss``, as stage 1's feature term computes it)."""
+    squared error ``MSE(S, T)`` (``feature_loss``, as stage 1's feature term computes it).
+    ``forward(model, batch)`` runs a model on a batch (default ``model(batch)``)."""
+    forward = forward or (lambda m, b: m(b))
     num = dict.fromkeys(names, 0.0)
     den = dict.fromkeys(names, 0.0)
     count = dict.fromkeys(names, 0)
@@ -167,8 +172,8 @@ def measure_feature_errors(
     teacher.eval()
     with FeatureHooks(student, names) as hs, FeatureHooks(teacher, names) as ht:
         for x in batches:
-            student(x)
-            teacher(x)
+            forward(student, x)
+            forward(teacher, x)
             for n in names:
                 s, t = hs.features[n].float(), ht.features[n].float()
                 num[n] += float((s - t).pow(2).sum())
@@ -197,16 +202,28 @@ class DistillationLoss(nn.Module):
         teacher_feats: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
-        parts: dict[str, torch.Tensor] = {"hard": hard_loss(student_logits, labels)}
-        total = c.alpha * parts["hard"]
-        if c.beta > 0 and teacher_logits is not None:
-            parts["soft"] = soft_loss(student_logits, teacher_logits, c.temperature)
-            total = total + c.beta * parts["soft"]
-        if c.gamma > 0 and student_feats and teacher_feats:
-            feat = sum(
-                self.layer_weights.get(n, 1.0) * feature_loss(student_feats[n], teacher_feats[n])
-                for n in teacher_feats
-            )
-            parts["feat"] = feat
-            total = total + c.gamma * feat
+        soft = soft_loss(student_logits, teacher_logits, c.temperature) \
+            if (c.beta > 0 and teacher_logits is not None) else None
+        total, parts = kd_total(c, hard_loss(student_logits, labels), soft, student_feats, teacher_feats,
+                                list(teacher_feats or {}), self.layer_weights)
         return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def kd_total(config: DistillConfig, hard: torch.Tensor, soft: torch.Tensor | None,
+             student_feats: dict[str, torch.Tensor] | None, teacher_feats: dict[str, torch.Tensor] | None,
+             names: list[str], layer_weights: dict[str, float] | None = None,
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``alpha * hard + beta * soft + gamma * sum_l w_l * MSE(S_l, T_l)`` (the module docstring's L),
+    for any task: ``hard`` is the task's own loss, ``soft`` its logit-KD term (None: no term)."""
+    c = config
+    w = layer_weights or {}
+    parts: dict[str, torch.Tensor] = {"hard": hard}
+    total = c.alpha * hard
+    if c.beta > 0 and soft is not None:
+        parts["soft"] = soft
+        total = total + c.beta * soft
+    if c.gamma > 0 and names and student_feats and teacher_feats:
+        feat = sum(w.get(n, 1.0) * feature_loss(student_feats[n], teacher_feats[n]) for n in names)
+        parts["feat"] = feat
+        total = total + c.gamma * feat
+    return total, parts

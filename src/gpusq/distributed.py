@@ -160,11 +160,12 @@ def sync_observer_stats(amax: torch.Tensor, samples: list[torch.Tensor]) -> list
     return [all_gather_cat(local.float())]
 
 
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module | None:
-    """DistributedDataParallel around ``model`` when distributed (gradients averaged), else None."""
+def wrap_ddp(model: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module | None:
+    """DistributedDataParallel around ``model`` when distributed (gradients averaged), else None.
+    ``find_unused``: some parameters may get no gradient in a step (e.g. detection heads on a batch)."""
     if not enabled():
         return None
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids, broadcast_buffers=False)
+    return DDP(model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused)

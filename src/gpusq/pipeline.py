@@ -1,8 +1,10 @@
-"""The GPUSQ pipeline: dense training (teachers), two-stage compression, evaluation; and their CLI.
+"""Classification: its data, its task adapter for the engine, dense training (teachers), compression
+and evaluation of timm models on ImageFolder-style data.
 
-Stage order (checked): dense teacher → stage 1 (prune 2:4, KD fine-tune from the dense teacher:
-hard + soft + feature) → stage 2 (quantize, calibrate, QAT with KD from the stage-1 sparse model,
-feature terms weighted per layer by stage-1 distortion) → ``DIR/model.safetensors`` + reports.
+The method itself (stage order, loop, KD, checkpoints, torchrun) is ``gpusq.engine``; what is
+classification's own is ``ClassificationAdapter``: uint8 batches normalized and augmented on the
+device, cross-entropy, logit KD on the class logits, top-1/top-5 evaluation, and the output it
+writes (``DIR/model.safetensors`` + ``report.json`` / ``report.md`` with the size and bit-op stats).
 """
 
 from __future__ import annotations
@@ -10,34 +12,27 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
+from tqdm.auto import tqdm
 
 from gpusq import distributed as D
+from gpusq import engine
 from gpusq.augment import AugmentConfig, batch_augment
-from gpusq.checkpoint import (
-    atomic_write,
-    atomic_write_text,
-    build_compressed,
-    read_compressed_dir,
-    save_compressed,
-    stored_model,
-    write_compressed,
-)
+from gpusq.checkpoint import atomic_write, atomic_write_text, write_compressed
 from gpusq.classes import check_classes, check_same_split_classes, head_size, recorded_classes
 from gpusq.data import Batches, DataInfo, build_dataset, cache_in_memory, prepare_batch
-from gpusq.distill import DistillationLoss, feature_layers, layer_weights, measure_feature_errors
-from gpusq.errors import GpusqError, InternalError
+from gpusq.distill import DEFAULT_FEATURE_PATTERN, soft_loss
+from gpusq.engine import Step, autocast, device_of, seed_everything
+from gpusq.errors import GpusqError
 from gpusq.models import create_model, load_state_file, load_weights_, model_input_size
-from gpusq.quant import calibrate, quantize_
 from gpusq.recipes import Recipe, StageConfig
-from gpusq.sparsity import check_2to4, sparsify_
-from gpusq.train import default_device, evaluate, seed_everything, train_stage
 
 DENSE_FORMAT = "dense-1"
 
@@ -98,20 +93,110 @@ def build_loaders(opts: DataOptions, size: tuple[int, int, int], batch_size: int
     return Loaders(train, val, info)
 
 
-def sample_batches(batches: Batches, n: int, device: torch.device) -> list[torch.Tensor]:
-    """``n`` un-augmented batches (calibration, layer-importance measurement)."""
-    out = []
-    saved = batches.epoch
-    batches.epoch = 10_000  # an order independent of training's
-    batches.augment = False  # no RandAugment / colour jitter (crops of >= 128 px images stay)
-    for x, y, _ in batches:
-        if len(y):
-            out.append(prepare_batch(x, device, train=False, flip=False))
-        if len(out) >= n:
-            break
-    batches.epoch = saved
-    batches.augment = True
-    return out
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, device: torch.device, desc: str = "eval",
+             progress: bool = True) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (in %) and mean cross-entropy over ``batches``."""
+    was = model.training
+    model.eval()
+    n = c1 = c5 = 0
+    loss = 0.0
+    bad = 0
+    for x, y, nb in tqdm(batches, desc=desc, leave=False, disable=not progress):
+        bad += nb
+        if len(y) == 0:
+            continue
+        x = prepare_batch(x, device, train=False, flip=False)
+        y = y.to(device)
+        with autocast(device):
+            out = model(x).float()
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        k = min(5, out.shape[1])
+        top = out.topk(k, dim=1).indices
+        c1 += int((top[:, 0] == y).sum())
+        c5 += int((top == y[:, None]).any(1).sum())
+        n += len(y)
+    model.train(was)
+    if D.enabled():  # each rank saw its exact share of the split: sums give the global metrics
+        n, c1, c5, loss, bad = (type(v)(r) for v, r in zip((n, c1, c5, loss, bad),
+                                                          D.sum_floats([n, c1, c5, loss, bad])))
+    if n == 0:
+        raise GpusqError("evaluation saw no images")
+    res = {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n, "images": n}
+    if bad:
+        res["skipped_bad_images"] = bad
+    return res
+
+
+class ClassificationAdapter:
+    """Classification for ``gpusq.engine``: ``(uint8 images, labels, n_bad)`` batches, augmented on the
+    device (pad-crop + optional flip), cross-entropy, KL on the class logits, top-1/top-5."""
+
+    task = "classification"
+    features = DEFAULT_FEATURE_PATTERN
+    include = None  # the recipe's sparsity.include
+    history_keys = ("top1", "top5")
+    find_unused = False
+
+    def __init__(self, val: Batches | None, device: torch.device, *, flip: bool | float, crop_pad: float = 0.125,
+                 input_size: tuple[int, int, int] | None = None, augment: AugmentConfig | None = None,
+                 num_classes: int = 0, shard: tuple[int, int] = (0, 1)):
+        self.val, self.device, self.flip, self.crop_pad, self.input_size = val, device, flip, crop_pad, input_size
+        self.augment, self.num_classes, self.shard = augment, num_classes, shard
+        self.batch_aug = None  # gpusq.augment.BatchAugment of the running stage (erasing, Mixup / CutMix)
+
+    def begin_stage(self, seed: int, cfg: StageConfig) -> None:
+        """Each stage draws its erasing / Mixup from its own seed (per step: resume stays exact)."""
+        self.batch_aug = batch_augment(self.augment, self.num_classes, seed, cfg.label_smoothing, self.shard)
+
+    def size(self, batch) -> int:
+        return len(batch[1])
+
+    def prepare(self, batch, device: torch.device, train: bool, generator: torch.Generator | None = None,
+                shard: tuple[int, int] = (0, 1), step: int = 0):
+        x, y, _ = batch
+        x = prepare_batch(x, device, train=train, flip=self.flip if train else False, generator=generator,
+                          crop_pad=self.crop_pad, shard=shard)
+        if not train:
+            return x
+        y = y.to(device, non_blocking=True)
+        if self.batch_aug is None:
+            return x, y, y
+        x_aug, y_aug = self.batch_aug(x, y, step)  # y_aug: soft targets when mixing
+        return x_aug, y_aug, y
+
+    def forward(self, model: nn.Module, run: Callable, batch, label_smoothing: float) -> Step:
+        x, y, y_hard = batch
+        logits = run(x)
+        # soft (mixed) targets come smoothed already
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=0.0 if y.is_floating_point() else label_smoothing)
+        return Step(loss, {"logits": logits}, correct=int((logits.detach().argmax(1) == y_hard).sum()))
+
+    def teacher_forward(self, teacher: Callable, batch):
+        return teacher(batch[0])
+
+    def logit_kd(self, teacher: nn.Module, batch, step: Step, t_out, temperature: float) -> torch.Tensor:
+        return soft_loss(step.captures["logits"], t_out, temperature)
+
+    def infer(self, model: nn.Module, batch):
+        return model(batch)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return evaluate(model, self.val, self.device, progress=False)
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        """Every recipe field has its use in classification."""
+
+    def write(self, out: Path, report: dict, stored: nn.Module, state: dict, meta: dict, recipe: Recipe) -> None:
+        """Stats first: a failure there must not leave a model without its report."""
+        from gpusq.report import write_report_md
+        from gpusq.stats import model_stats
+
+        report["stats"] = model_stats(copy.deepcopy(stored).cpu(), recipe, input_size=self.input_size)
+        write_compressed(state, meta, out, recipe)
+        report["stats"]["file_bytes"] = (out / "model.safetensors").stat().st_size
+        _write_json(out / "report.json", report)
+        write_report_md(out, report)
 
 
 # -- model construction ---------------------------------------------------------------------------
@@ -165,8 +250,7 @@ def _write_dense(net: nn.Module, out: Path, model: str | None, kwargs: dict,
     atomic_write_text(out / "model.yaml", yaml.safe_dump(info))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+_write_json = engine.write_json
 
 
 def _run_classes(ck: Path, classes: list[str], resume: bool, data: str) -> None:
@@ -201,7 +285,7 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
     augmentation (default: gpusq's standard crop + flip)."""
     out = Path(out)
     _prepare_out(out, resume)
-    device = device or default_device()
+    device = device or device_of(None)
     seed_everything(data.seed)
     if net is None:
         net, model, model_kwargs = resolve_model(model, model_kwargs, init)
@@ -220,11 +304,12 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
     _run_classes(out / "checkpoints", classes, resume, data.data)
     cfg = StageConfig(epochs=epochs, lr=lr, min_lr=lr * 1e-3, weight_decay=weight_decay,
                       warmup_epochs=warmup_epochs, batch_size=batch_size, label_smoothing=label_smoothing)
-    res = train_stage("train", net, loaders.train, cfg, device, flip=loaders.info.flip, crop_pad=loaders.info.crop_pad,
-                      ckpt_path=out / "checkpoints" / "train.safetensors", resume=resume, seed=data.seed,
-                      progress=progress, compile=compile,
-                      batch_aug=batch_augment(augment, loaders.info.num_classes, data.seed, label_smoothing,
-                                              (loaders.train.rank, loaders.train.world)))
+    adapter = ClassificationAdapter(loaders.val, device, flip=loaders.info.flip, crop_pad=loaders.info.crop_pad,
+                                    augment=augment, num_classes=loaders.info.num_classes,
+                                    shard=(loaders.train.rank, loaders.train.world))
+    res = engine.train_stage("train", net, loaders.train, cfg, device, adapter=adapter,
+                             ckpt_path=out / "checkpoints" / "train.safetensors", resume=resume, seed=data.seed,
+                             progress=progress, compile=compile)
     metrics = evaluate(net, loaders.val, device, progress=progress)
     report = {"kind": "dense", "model": model, "model_kwargs": model_kwargs, "data": data.data,
               "classes": classes, "metrics": metrics, "history": res.history,
@@ -243,7 +328,8 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
              device: torch.device | None = None, progress: bool = True, ckpt_every: int = 0,
              stage1_from: str | Path | None = None, compile: bool = False,
              teacher_classes: list[str] | None = None, epoch_eval: bool = True) -> dict:
-    """Run GPUSQ on a trained dense ``teacher``; write the compressed model and reports to ``out``.
+    """Run GPUSQ (``gpusq.engine.compress``) on a trained dense classifier ``teacher``; write the
+    compressed model and reports to ``out``.
 
     ``teacher_classes``: the class names the teacher was trained on, in label order (default: those
     ``resolve_model`` attached as ``teacher.gpusq_classes``); the data's must be the same, else a
@@ -258,7 +344,7 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
     """
     out = Path(out)
     _prepare_out(out, resume)
-    device = device or default_device()
+    device = device or device_of(None)
     model_kwargs = model_kwargs or {}
     seed_everything(data.seed)
     teacher = teacher.to(device).eval()
@@ -270,133 +356,17 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
     if teacher_classes is None:
         teacher_classes = getattr(teacher, "gpusq_classes", None)
     check_classes(teacher_classes, head_size(teacher), classes, who="the teacher", data=data.data)
-    feats = feature_layers(teacher, recipe.distill.features) if recipe.distill.gamma > 0 else []
-    ev = lambda m: evaluate(m, loaders.val, device, progress=False)  # noqa: E731
-    teacher_metrics = ev(teacher)
-    ck = out / "checkpoints"
-    ck.mkdir(exist_ok=True)
-    _run_classes(ck, classes, resume, data.data)
-    main = D.is_main()
-    report: dict[str, Any] = {"kind": "compressed", "model": model_name, "model_kwargs": model_kwargs,
-                              "recipe": recipe.name, "data": data.data, "classes": classes,
-                              "teacher_metrics": teacher_metrics}
-
-    # stage 1: 2:4 prune + KD fine-tune from the dense teacher (features unweighted)
-    student = copy.deepcopy(teacher).train()
-    student.requires_grad_(True)  # the teacher may have been frozen by an earlier stage
-    stage1_dir = out / "stage1"
-    if stage1_from is None and resume and (stage1_dir / "stage1.json").is_file():
-        stage1_from = stage1_dir  # stage 1 finished before the interruption
-    if stage1_from is not None:
-        state, s1_info, _r = read_compressed_dir(stage1_from)
-        s1_file = Path(stage1_from) / "stage1.json"
-        if any(k.endswith((".weight_scale", ".input_scale")) for k in state) or not s1_file.is_file():
-            raise GpusqError(f"{stage1_from} is not a stage-1 (sparse, unquantized) output directory")
-        if s1_info.get("classes") is not None:
-            check_classes(s1_info["classes"], None, classes, who=f"the stage-1 model in {stage1_from}",
-                          data=data.data)
-        build_compressed(student, state, recipe, source=str(stage1_from))
-        student.to(device)
-        s1 = json.loads(s1_file.read_text())
-        hist1 = s1.get("history", [])
-        distortion = s1["distortion"]
-        feature_mse = s1.get("feature_mse")
-        if feature_mse is None:  # a stage-1 directory written before feature_mse was recorded
-            imp = sample_batches(loaders.train, recipe.train.importance_batches, device)
-            names = feature_layers(teacher, recipe.distill.features)
-            feature_mse = D.mean_dict(measure_feature_errors(student, teacher, imp, names)[1]) if names else {}
-    else:
-        if recipe.sparse:
-            sel = sparsify_(student, recipe.sparsity)
-            report["layers_skipped"] = sel.skipped
-            if not sel.selected:
-                why = "; ".join(f"{k}: {v}" for k, v in list(sel.skipped.items())[:3])
-                raise GpusqError("no layer to compress: the recipe's sparsity.include patterns match no "
-                                 "2:4-prunable layer" + (f" (skipped {why})" if why else ""))
-            D.broadcast_module_(student)
-        cfg1 = _stage_cfg(recipe.train.stage1, data.batch_size)
-        loss1 = DistillationLoss(_no_weighting(recipe))
-        r1 = train_stage("stage1", student, loaders.train, cfg1, device, flip=loaders.info.flip,
-                         crop_pad=loaders.info.crop_pad, teacher=teacher,
-                         loss_fn=loss1, feature_names=feats, ckpt_path=ck / "stage1.safetensors",
-                         ckpt_every=ckpt_every, resume=resume, seed=data.seed, eval_fn=ev if epoch_eval else None,
-                         progress=progress, compile=compile,
-                         batch_aug=batch_augment(recipe.augment, loaders.info.num_classes, data.seed,
-                                                 cfg1.label_smoothing, (loaders.train.rank, loaders.train.world)))
-        hist1 = r1.history
-        imp = sample_batches(loaders.train, recipe.train.importance_batches, device)
-        names = feature_layers(teacher, recipe.distill.features)
-        distortion, feature_mse = measure_feature_errors(student, teacher, imp, names) if names else ({}, {})
-        distortion, feature_mse = D.mean_dict(distortion), D.mean_dict(feature_mse)
-        if main:
-            save_compressed(student, stage1_dir, recipe, model_name, model_kwargs, classes=classes,
-                            dense_dtype="fp32")  # lossless: stage 2 trains on it
-            _write_json(stage1_dir / "stage1.json",
-                        {"history": hist1, "distortion": distortion, "feature_mse": feature_mse})
-        D.barrier()
-    report["stage1_metrics"] = ev(student)
-    weights = layer_weights(distortion, feature_mse, recipe.distill)
-    report["layer_importance"] = recipe.distill.importance if recipe.distill.layer_weighting else "uniform"
-    report["layer_distortion"] = distortion
-    report["layer_feature_mse"] = feature_mse
-    report["layer_weights"] = weights
-
-    # stage 2: sparse-aware QAT, KD from the stage-1 sparse model, features weighted per layer
-    hist2: list = []
-    if recipe.quantized:
-        teacher2 = copy.deepcopy(student).eval().requires_grad_(False)
-        if not quantize_(student, recipe.quant):
-            raise GpusqError("no layer to compress: no GEMM layer of the model can be quantized")
-        calib = sample_batches(loaders.train, recipe.train.calib_batches, device)
-
-        def loop(m):
-            for x in calib:
-                m(x)
-
-        calibrate(student, loop)
-        report["calibrated_metrics"] = ev(student)
-        cfg2 = _stage_cfg(recipe.train.stage2, data.batch_size)
-        loss2 = DistillationLoss(recipe.distill, weights)
-        r2 = train_stage("stage2", student, loaders.train, cfg2, device, flip=loaders.info.flip,
-                         crop_pad=loaders.info.crop_pad,
-                         teacher=teacher2, loss_fn=loss2, feature_names=feats,
-                         ckpt_path=ck / "stage2.safetensors", ckpt_every=ckpt_every, resume=resume,
-                         seed=data.seed + 1, eval_fn=ev if epoch_eval else None, progress=progress,
-                         compile=compile,
-                         batch_aug=batch_augment(recipe.augment, loaders.info.num_classes, data.seed + 1,
-                                                 cfg2.label_smoothing, (loaders.train.rank, loaders.train.world)))
-        hist2 = r2.history
-    # the final metrics are the stored model's (codes + bf16 dense tensors): what `gpusq eval` of the
-    # output reproduces exactly
-    stored, stored_state, stored_meta = stored_model(student, recipe, model_name, model_kwargs, classes)
-    report["metrics"] = ev(stored)
-    report["history"] = {"stage1": hist1, "stage2": hist2}
-    bad = [n for n, ok in check_2to4(student).items() if not ok]
-    if recipe.sparse and bad:
-        raise InternalError(f"2:4 pattern broken in {bad[:3]} after training")
-    report["processes"] = D.world()
-    if main:  # stats first: a failure there must not leave a model without its report
-        from gpusq.report import write_report_md
-        from gpusq.stats import model_stats
-
-        report["stats"] = model_stats(copy.deepcopy(stored).cpu(), recipe, input_size=size)
-        write_compressed(stored_state, stored_meta, out, recipe)
-        report["stats"]["file_bytes"] = (out / "model.safetensors").stat().st_size
-        _write_json(out / "report.json", report)
-        write_report_md(out, report)
-        shutil.rmtree(ck, ignore_errors=True)
-    D.barrier()
-    return report
-
-
-def _stage_cfg(cfg: StageConfig, batch_size: int | None) -> StageConfig:
-    return cfg if batch_size is None else StageConfig(**{**cfg.__dict__, "batch_size": batch_size})
-
-
-def _no_weighting(recipe: Recipe):
-    from dataclasses import replace
-
-    return replace(recipe.distill, layer_weighting=False)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    _run_classes(out / "checkpoints", classes, resume, data.data)
+    adapter = ClassificationAdapter(loaders.val, device, flip=loaders.info.flip, crop_pad=loaders.info.crop_pad,
+                                    input_size=size, augment=recipe.augment, num_classes=loaders.info.num_classes,
+                                    shard=(loaders.train.rank, loaders.train.world))
+    header = {"kind": "compressed", "model": model_name, "model_kwargs": model_kwargs, "data": data.data,
+              "classes": classes}
+    return engine.compress(adapter, teacher, recipe, out, loaders.train, device=device, model_name=model_name,
+                           model_kwargs=model_kwargs, classes=classes, report=header, seed=data.seed,
+                           batch_size=data.batch_size, resume=resume, progress=progress, ckpt_every=ckpt_every,
+                           stage1_from=stage1_from, compile=compile, epoch_eval=epoch_eval)
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -427,7 +397,7 @@ def eval_checkpoint(checkpoint: str, data: DataOptions, model: str | None = None
                     progress: bool = True) -> dict:
     """Top-1/top-5 of ``checkpoint`` on the val split of ``data``, whose classes must be the ones the
     checkpoint records (without names: as many as its head has)."""
-    device = device or default_device()
+    device = device or device_of(None)
     net = load_any(checkpoint, model, model_kwargs).to(device)
     val_ds, info = build_dataset(data.data, "val", model_input_size(net), data.skip_bad_images)
     check_classes(recorded_classes(checkpoint), head_size(net), info.classes, who=f"checkpoint {checkpoint}",

@@ -27,6 +27,14 @@ def add_model_arg(ap: argparse.ArgumentParser, help: str | None = None) -> None:
                     help=help or "model constructor keyword, e.g. img_size=32 (repeatable, or comma-separated)")
 
 
+def device_of(args: argparse.Namespace):
+    """The run's device from ``--device``: under torchrun this rank's (joining the process group),
+    else ``--device``, default CUDA when available (``gpusq.engine.device_of``)."""
+    from gpusq.engine import device_of as engine_device
+
+    return engine_device(args.device)
+
+
 def add_recipe_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--recipe", default="int8", help="int8 | int4 | fp8 | sparse | a YAML file")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
+from gpusq import distributed as D
 from gpusq.classes import check_classes
-from gpusq.cli.args import add_json, add_model_arg, add_out_args, add_recipe_args, emit_json, recipe_of
+from gpusq.cli.args import add_json, add_model_arg, add_out_args, add_recipe_args, device_of, emit_json, recipe_of
 from gpusq.errors import GpusqError
 from gpusq.models import parse_model_kwargs
 from gpusq.outdir import check_out_dir
@@ -16,6 +15,7 @@ from gpusq.recipes import StageConfig
 from gpusq.tasks.pipeline import (
     FAMILIES,
     TASKS,
+    check_recipe,
     check_task,
     compress_task,
     data_classes,
@@ -32,7 +32,7 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--data", required=True, help="detection: COCO-format folder (instances.json + images/); "
                     "segmentation: images/ + labels/ folder")
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available; torchrun: this rank's)")
     ap.add_argument("--seed", type=int, default=0)
     add_json(ap, "the metrics")
 
@@ -58,8 +58,9 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)()
         cfg = StageConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size or 8, min_lr=a.lr * 0.01)
         rep = train_dense_task(t.name, a.model, parse_model_kwargs(a.model_arg), a.data, a.out, val_data=a.val_data,
-                               cfg=cfg, seed=a.seed, device=_device(a), resume=a.resume)
-        if not emit_json({"metrics": rep["metrics"]}, a.json):
+                               cfg=cfg, seed=a.seed, device=device_of(a), resume=a.resume,
+                               progress=True)
+        if D.is_main() and not emit_json({"metrics": rep["metrics"]}, a.json):
             print(f"{t.summary(rep['metrics'])}; dense {t.name} model written to {a.out}")
         return 0
     if command == "compress":
@@ -77,16 +78,15 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
             task_spec(task, a.model)
         clear = check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
         recipe = recipe_of(a)
-        from gpusq.augment import AugmentConfig
-
-        if recipe.augment != AugmentConfig():  # the task pipelines have their own data transforms
-            raise GpusqError(f"the recipe's augment section is for classification; --task {task} does not use it")
+        check_recipe(recipe)  # before clear(): a refused recipe costs no earlier output
         clear()
         rep = compress_task(task, a.teacher, recipe, a.data, a.out, model=a.model,
                             model_kwargs=parse_model_kwargs(a.model_arg), val_data=a.val_data,
-                            batch_size=a.batch_size, seed=a.seed, device=_device(a), resume=a.resume)
+                            batch_size=a.batch_size, seed=a.seed, device=device_of(a), resume=a.resume,
+                            progress=True)
         t = task_spec(task, rep["model"])
-        if not emit_json({k: rep[k] for k in ("metrics", "teacher_metrics", "compressed_layers")}, a.json):
+        summary = {k: rep[k] for k in ("metrics", "teacher_metrics", "compressed_layers")}
+        if D.is_main() and not emit_json(summary, a.json):
             print(f"teacher {t.summary(rep['teacher_metrics'])}  →  {recipe.name} {t.summary(rep['metrics'])}; "
                   f"{len(rep['compressed_layers'])} layers compressed; written to {a.out}")
         return 0
@@ -94,7 +94,7 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.add_argument("--checkpoint", required=True)
         a = ap.parse_args(argv)
         task = check_task(a.task)
-        model, info = load_task_dir(a.checkpoint, task, _device(a))
+        model, info = load_task_dir(a.checkpoint, task, device_of(a))
         t = task_spec(task, info["model"])
         ds = t.load_data(a.data)
         names = data_classes(ds)
@@ -104,16 +104,10 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         if "label_to_cat" in info and ds.label_to_cat != {int(k): v for k, v in info["label_to_cat"].items()}:
             raise GpusqError(f"the category ids of {a.data} differ from the checkpoint's ({a.checkpoint})")
         m = evaluate_task(t, model, ds, a.batch_size or 8)
-        if not emit_json(m, a.json):
+        if D.is_main() and not emit_json(m, a.json):
             print(f"{t.summary(m)}  ({m['images']} images)", file=sys.stdout)
         return 0
     raise GpusqError(f"--task is not supported by gpusq {command}")
-
-
-def _device(a) -> torch.device:
-    if a.device:
-        return torch.device(a.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def split_task_arg(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -8,7 +8,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 from gpusq import distributed as D
@@ -20,6 +19,7 @@ from gpusq.cli.args import (
     add_out_args,
     add_recipe_args,
     augment_of,
+    device_of,
     emit_json,
     recipe_of,
 )
@@ -50,12 +50,6 @@ def _data_opts(a) -> DataOptions:
     return DataOptions(a.data, a.batch_size, a.workers, False if a.no_cache else None, a.skip_bad_images, a.seed)
 
 
-def _device(a) -> torch.device | None:
-    """Under torchrun: join the process group and use this rank's device; else --device."""
-    dev = D.init_from_env(a.device)
-    return dev or (torch.device(a.device) if a.device else None)
-
-
 def _task_of_checkpoint(argv: list[str]) -> str | None:
     """The task recorded in ``--checkpoint DIR``'s task.yaml (detection / segmentation outputs), if any."""
     for i, a in enumerate(argv):
@@ -71,15 +65,15 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         task = _task_of_checkpoint(argv)  # a detection / segmentation output evaluates as its task
         if task and task != "classification":
             argv = ["--task", task, *argv]
-    if any(a == "--task" or a.startswith("--task=") for a in argv):  # dense-prediction tasks (issue 6)
-        from gpusq.cli.tasks import cli_main as task_cli_main
-        from gpusq.cli.tasks import split_task_arg
-
-        task, rest = split_task_arg(argv)
-        if task != "classification":
-            return task_cli_main(argv, prog, command)
-        argv = rest
     try:
+        if any(a == "--task" or a.startswith("--task=") for a in argv):  # dense-prediction tasks (issue 6)
+            from gpusq.cli.tasks import cli_main as task_cli_main
+            from gpusq.cli.tasks import split_task_arg
+
+            task, rest = split_task_arg(argv)
+            if task != "classification":
+                return task_cli_main(argv, prog, command)
+            argv = rest
         return _cli_main(argv, prog, command)
     finally:
         D.shutdown()
@@ -133,7 +127,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         rep = _run_writing(a.out, clear, lambda: train_dense(
             a.model, parse_model_kwargs(a.model_arg), d, a.out, epochs=a.epochs, lr=a.lr,
             batch_size=a.batch_size or 128, warmup_epochs=a.warmup_epochs, weight_decay=a.weight_decay,
-            label_smoothing=a.label_smoothing, init=a.init, resume=a.resume, device=_device(a),
+            label_smoothing=a.label_smoothing, init=a.init, resume=a.resume, device=device_of(a),
             compile=a.compile, augment=augment))
         if D.is_main():
             _print_metrics(rep["metrics"], a.json, f"dense model written to {a.out}")
@@ -158,7 +152,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         teacher, name, kwargs = resolve_model(a.model, parse_model_kwargs(a.model_arg), a.teacher)
         rep = _run_writing(a.out, clear, lambda: compress(
             teacher, recipe, d, a.out, model_name=name, model_kwargs=kwargs, resume=a.resume,
-            device=_device(a), ckpt_every=a.ckpt_every, stage1_from=a.stage1_from, compile=a.compile))
+            device=device_of(a), ckpt_every=a.ckpt_every, stage1_from=a.stage1_from, compile=a.compile))
         if not D.is_main():
             return 0
         if not emit_json({"metrics": rep["metrics"], "teacher_metrics": rep["teacher_metrics"]}, a.json):
@@ -175,7 +169,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         add_json(ap, "the metrics")
         a = ap.parse_args(argv)
         m = eval_checkpoint(a.checkpoint, _data_opts(a), a.model, parse_model_kwargs(a.model_arg),
-                            _device(a))
+                            device_of(a))
         if D.is_main():
             _print_metrics(m, a.json)
         return 0

@@ -22,6 +22,7 @@ class): the KD term is the per-class Bernoulli KL, summed over classes, averaged
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,13 +204,17 @@ def _check_labels(model: nn.Module, batch: dict[str, Any]) -> None:
             raise GpusqError(f"category label {int(c.max()) + 1} is outside 1..{k} (the model has num_labels={k})")
 
 
-def losses(model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+def losses(model: nn.Module, batch: dict[str, Any], run: Callable | None = None) -> dict[str, torch.Tensor]:
     """The model's Hungarian set loss (``loss_detr``) + captures for logit KD: the student's class logits
-    and, per image, the (query, target) pairs the model's matcher assigned."""
+    and, per image, the (query, target) pairs the model's matcher assigned. ``run``: what to call
+    (the model's DDP wrapper; default the model)."""
+    run = run or model
     _check_labels(model, batch)
-    out = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
+    out = run(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
     with torch.no_grad():
-        idx = _matcher(model)({"logits": out.logits.detach(), "pred_boxes": out.pred_boxes.detach()}, batch["labels"])
+        # fp32 costs (bf16 under autocast on GPU): scipy assigns on them
+        idx = _matcher(model)({"logits": out.logits.detach().float(), "pred_boxes": out.pred_boxes.detach().float()},
+                              batch["labels"])
     return {"loss_detr": out.loss, "_logits": out.logits, "_indices": idx}
 
 

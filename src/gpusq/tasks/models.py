@@ -91,8 +91,9 @@ SEGMENTATION_FEATURES = r"(^|\.)backbone\.(.+\.)?blocks\.\d+$"
 
 def upernet_swin(num_labels: int, img_size: int = 512, embed_dim: int = 96, depths: tuple[int, ...] = (2, 2, 6, 2),
                  num_heads: tuple[int, ...] = (3, 6, 12, 24), window_size: int = 7, hidden_size: int = 512,
-                 auxiliary_head: bool = True) -> nn.Module:
-    """transformers' ``UperNetForSemanticSegmentation`` with a randomly initialised Swin backbone.
+                 auxiliary_head: bool = True, drop_path_rate: float = 0.1) -> nn.Module:
+    """transformers' ``UperNetForSemanticSegmentation`` with a randomly initialised Swin backbone
+    (``drop_path_rate``: stochastic depth of the backbone, transformers' default).
 
     ``model(pixel_values=x, labels=y)`` returns the loss (cross entropy, ignore index 255) and
     logits at the input resolution.
@@ -102,7 +103,7 @@ def upernet_swin(num_labels: int, img_size: int = 512, embed_dim: int = 96, dept
     except ImportError:
         raise GpusqError("UPerNet needs the 'transformers' package (pip install 'gpusq[dense]')") from None
     backbone = SwinConfig(image_size=img_size, patch_size=4, num_channels=3, embed_dim=embed_dim, depths=list(depths),
-                          num_heads=list(num_heads), window_size=window_size,
+                          num_heads=list(num_heads), window_size=window_size, drop_path_rate=drop_path_rate,
                           out_features=[f"stage{i + 1}" for i in range(len(depths))])
     cfg = UperNetConfig(backbone_config=backbone, hidden_size=hidden_size, num_labels=num_labels,
                         use_auxiliary_head=auxiliary_head, auxiliary_in_channels=embed_dim * 2 ** (len(depths) - 2),

@@ -1,28 +1,20 @@
-"""``gpusq train|compress|eval --task detection|segmentation``: GPUSQ for Mask R-CNN (Swin + FPN),
-DETR / Deformable-DETR on COCO-format data and UPerNet-Swin on ADE20K-style folders.
+"""``gpusq train|compress|eval --task detection|segmentation``: the task adapters of ``gpusq.engine`` for
+Mask R-CNN (Swin + FPN), DETR / Deformable-DETR on COCO-format data and UPerNet-Swin on ADE20K-style
+folders, and their output directories.
 
-Same two stages as classification (``gpusq.pipeline``):
-
-* stage 1: prune the family's transformer GEMMs to 2:4 (``Task.include``), fine-tune with the model's
-  own task losses (the hard losses) + logit KD (``Task.logit_kd``) + feature KD (``Task.features``)
-  from the dense teacher;
-* stage 2: quantize + calibrate, QAT with the same losses, KD from the stage-1 sparse model, feature
-  terms weighted per layer by the stage-1 distortion (``gpusq.distill``).
-
-A model family is a ``Task`` spec (``FAMILIES``); ``task_spec(task, model)`` finds it by model name.
-Per-epoch checkpoints (``--resume``) make a killed run continue exactly. Not here: multi-GPU
-(torchrun) for ``--task`` runs (classification has it).
+The method is the engine's, as for classification (stages, KD, importance weights, checkpoints and
+``--resume``, torchrun, autocast, warmup + cosine, ``min_steps``). A model family is a ``Task`` spec
+(``FAMILIES``): its models, the GEMMs it compresses (``Task.include``, unless the recipe names its own
+``sparsity.include``), its KD feature layers (``Task.features``, unless the recipe sets
+``distill.features``), its own task losses (the hard loss), its logit-KD term and its evaluation;
+``task_spec(task, model)`` finds it by model name. ``TaskAdapter`` puts a spec into the engine.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import shutil
-import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,13 +23,15 @@ import torch
 import yaml
 from torch import nn
 
-from gpusq.checkpoint import atomic_write, atomic_write_text, load_compressed, stored_model, write_compressed
+from gpusq import distributed as D
+from gpusq import engine
+from gpusq.checkpoint import atomic_write, atomic_write_text, load_compressed, write_compressed
 from gpusq.classes import check_classes, check_same_classes
-from gpusq.distill import FeatureHooks, feature_layers, feature_loss, layer_weights_from_distortion, soft_loss
-from gpusq.errors import GpusqError, InternalError, close_matches
-from gpusq.quant import calibrate, quantize_
+from gpusq.data import Batches
+from gpusq.distill import soft_loss
+from gpusq.engine import Step, device_of, seed_everything
+from gpusq.errors import GpusqError, close_matches
 from gpusq.recipes import Recipe, StageConfig
-from gpusq.sparsity import SparsityConfig, check_2to4, sparsify_
 from gpusq.tasks.coco import CocoDetection, coco_folder, collate_list
 from gpusq.tasks.metrics import coco_map, detections_to_coco, evaluate_segmentation
 from gpusq.tasks.models import (
@@ -51,7 +45,7 @@ from gpusq.tasks.models import (
 from gpusq.tasks.segdata import SegmentationFolder
 
 TASKS = ("classification", "detection", "segmentation")
-CKPT_DIR = ".train"  # per-epoch training checkpoints inside --out, removed when the run ends
+CKPT_DIR = ".train"  # training checkpoints inside --out, removed when the run ends
 TASK_FORMAT = "task-1"
 
 
@@ -117,10 +111,12 @@ def pad_collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
 class Task:
     """What differs between model families of a task; the GPUSQ stages themselves are shared.
 
-    KD protocol (``train_task``): ``losses(student, batch)`` returns the task (hard) losses; keys
-    starting with ``_`` are not losses but what the student computed that logit KD needs (class
-    logits, proposals, matched queries). ``teacher_features(teacher, batch)`` runs the teacher on
-    the same input (its feature hooks fill) and returns what logit KD needs from it.
+    KD protocol (``TaskAdapter``): ``losses(student, batch, run)`` calls ``run`` (the student, or its
+    DDP wrapper; default the student) and returns the task (hard) losses; keys starting with ``_``
+    are not losses but what the student computed that logit KD needs (class logits, proposals,
+    matched queries); hooks go on ``student``. ``teacher_features(teacher, batch)`` runs the teacher
+    on the same input (its feature hooks fill) and returns what logit KD needs from it; it is also
+    the plain forward of calibration and importance measurement.
     ``logit_kd(teacher, batch, captures, teacher_out, T)`` returns the T^2-scaled KL term.
     """
 
@@ -132,7 +128,7 @@ class Task:
     load_data: Callable[[str], Any]
     collate: Callable
     to_device: Callable
-    losses: Callable  # (model in train mode, batch) -> dict of loss tensors (+ "_" captures)
+    losses: Callable  # (model in train mode, batch, run) -> dict of loss tensors (+ "_" captures)
     teacher_features: Callable  # (teacher, batch) -> teacher output for logit KD; fills feature hooks
     evaluate: Callable  # (model, dataset, batch_size, device) -> metrics
     data_info: Callable  # dataset -> dict stored in task.yaml
@@ -140,6 +136,8 @@ class Task:
     summary: Callable  # metrics -> one line
     logit_kd: Callable | None = None  # (teacher, batch, captures, teacher_out, T) -> loss tensor
     dense_layers: str = ""  # what stays dense, for the report
+    metrics: tuple[str, ...] = ()  # validation metrics recorded after every epoch
+    size: Callable[[Any], int] = lambda b: len(b[0])  # images in a batch
 
     def create(self, name: str, **kwargs: Any) -> nn.Module:
         return self.models[name](**kwargs)
@@ -150,7 +148,7 @@ def _det_to(batch, device):
     return [i.to(device) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
 
 
-def _maskrcnn_losses(model: nn.Module, batch) -> dict[str, torch.Tensor]:
+def _maskrcnn_losses(model: nn.Module, batch, run: Callable | None = None) -> dict[str, torch.Tensor]:
     """torchvision's Mask R-CNN losses, plus (for logit KD) the RoIs its box head classified and the
     class logits it gave them: captured by hooks on ``roi_heads.box_roi_pool`` / ``box_predictor``."""
     cap: dict[str, Any] = {}
@@ -164,7 +162,7 @@ def _maskrcnn_losses(model: nn.Module, batch) -> dict[str, torch.Tensor]:
     h1 = model.roi_heads.box_roi_pool.register_forward_pre_hook(pre)
     h2 = model.roi_heads.box_predictor.register_forward_hook(post)
     try:
-        losses = model(*batch)
+        losses = (run or model)(*batch)
     finally:
         h1.remove()
         h2.remove()
@@ -188,7 +186,8 @@ def _maskrcnn_logit_kd(teacher: nn.Module, batch, cap: dict[str, Any], t_feats: 
 
 def _det_eval(model: nn.Module, ds: CocoDetection, batch_size: int, device: torch.device) -> dict[str, float]:
     results, ids = [], []
-    for images, targets in _loader(MASKRCNN, ds, batch_size, False, 0, drop_last=False):
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_list)
+    for images, targets in loader:
         images, _ = _det_to((images, targets), device)
         img_ids = [int(t["image_id"]) for t in targets]
         results += detections_to_coco(model(images), img_ids, ds.label_to_cat)
@@ -206,13 +205,13 @@ def _det_kwargs(ds: CocoDetection, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
-def _seg_losses(model: nn.Module, batch) -> dict[str, torch.Tensor]:
+def _seg_losses(model: nn.Module, batch, run: Callable | None = None) -> dict[str, torch.Tensor]:
     x, y = batch
     k = model.config.num_labels
     bad = (y != 255) & ((y < 0) | (y >= k))
     if bool(bad.any()):
         raise GpusqError(f"label value {int(y[bad][0])} is outside [0, {k - 1}] (num_labels={k}; 255 = ignore)")
-    out = model(pixel_values=x, labels=y)
+    out = (run or model)(pixel_values=x, labels=y)
     return {"loss_seg": out.loss, "_logits": out.logits}
 
 
@@ -245,7 +244,7 @@ MASKRCNN = Task(
     losses=_maskrcnn_losses, teacher_features=_maskrcnn_teacher, evaluate=_det_eval,
     data_info=lambda ds: {"label_to_cat": ds.label_to_cat, "classes": data_classes(ds)}, check_kwargs=_det_kwargs,
     summary=lambda m: f"bbox mAP {m['bbox_map']:.4f}  segm mAP {m['segm_map']:.4f}",
-    logit_kd=_maskrcnn_logit_kd,
+    logit_kd=_maskrcnn_logit_kd, metrics=("bbox_map", "segm_map"),
     dense_layers="everything outside the backbone's transformer blocks (patch embedding, patch merging, "
                  "FPN, RPN and RoI heads)",
 )
@@ -256,7 +255,7 @@ UPERNET = Task(
     teacher_features=lambda t, b: t(pixel_values=b[0]).logits, evaluate=_seg_eval,
     data_info=lambda ds: {"classes": ds.classes} if ds.classes is not None else {},
     check_kwargs=_seg_kwargs, summary=lambda m: f"mIoU {m['miou']:.4f}  pixel acc {m['pixel_acc']:.4f}",
-    logit_kd=_seg_logit_kd,
+    logit_kd=_seg_logit_kd, metrics=("miou", "pixel_acc"),
     dense_layers="everything outside the backbone's transformer blocks (patch embedding, patch merging, "
                  "UPerNet decode and auxiliary heads)",
 )
@@ -271,7 +270,8 @@ def _detr_spec() -> Task:
         losses=detr.losses, teacher_features=detr.teacher_features, evaluate=detr.evaluate,
         data_info=lambda ds: {"label_to_cat": ds.label_to_cat, "classes": data_classes(ds)},
         check_kwargs=detr.check_kwargs,
-        summary=lambda m: f"bbox mAP {m['bbox_map']:.4f}", logit_kd=detr.logit_kd,
+        summary=lambda m: f"bbox mAP {m['bbox_map']:.4f}", logit_kd=detr.logit_kd, metrics=("bbox_map",),
+        size=lambda b: len(b["labels"]),
         dense_layers="the ResNet backbone, input projection, query embeddings and the class / box heads",
     )
 
@@ -295,12 +295,6 @@ def task_spec(task: str, model: str) -> Task:
                      + f" (known: {', '.join(known)})")
 
 
-def _loader(task: Task, ds, batch_size: int, shuffle: bool, seed: int, drop_last: bool) -> torch.utils.data.DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g,
-                                       collate_fn=task.collate, num_workers=0, drop_last=drop_last)
-
-
 # -- train / eval ----------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_task(task: Task, model: nn.Module, ds, batch_size: int = 8,
@@ -314,134 +308,6 @@ def evaluate_task(task: Task, model: nn.Module, ds, batch_size: int = 8,
     return out
 
 
-
-
-def train_task(task: Task, model: nn.Module, ds, cfg: StageConfig, *, seed: int = 0,
-               teacher: nn.Module | None = None, feature_names: list[str] | None = None,
-               layer_weights: dict[str, float] | None = None, alpha: float = 1.0, beta: float = 0.0,
-               gamma: float = 0.0, temperature: float = 1.0, device: torch.device | None = None,
-               desc: str = "train", ckpt: Path | None = None, resume: bool = False) -> dict[str, float]:
-    """AdamW + cosine over ``cfg.epochs``; loss = alpha * (sum of the model's task losses)
-    + beta * logit KD (``task.logit_kd``) + gamma * sum_l w_l * MSE(student layer l, teacher layer l).
-    Prints one line per epoch to stderr; returns the last epoch's mean losses.
-
-    ``ckpt``: after every epoch the model, optimizer, schedule, step and RNG states are written there
-    atomically (the previous one kept as ``.prev``); with ``resume`` an existing one is loaded and
-    training goes on from it exactly (each epoch's shuffle depends only on (seed, epoch))."""
-    device = device or next(model.parameters()).device
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    if device.type == "cuda":  # TF32 for training only: evaluation stays in the precision `gpusq eval` uses
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        return _train_loop(task, model, ds, cfg, seed=seed, teacher=teacher, feature_names=feature_names,
-                           layer_weights=layer_weights, alpha=alpha, beta=beta, gamma=gamma,
-                           temperature=temperature, device=device, desc=desc, ckpt=ckpt, resume=resume)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
-def _train_loop(task: Task, model: nn.Module, ds, cfg: StageConfig, *, seed: int, teacher: nn.Module | None,
-                feature_names: list[str] | None, layer_weights: dict[str, float] | None, alpha: float, beta: float,
-                gamma: float, temperature: float, device: torch.device, desc: str, ckpt: Path | None,
-                resume: bool) -> dict[str, float]:
-    from gpusq.train import load_latest_state, rng_state, save_train_state, set_rng_state
-
-    loader = _loader(task, ds, cfg.batch_size, True, seed, drop_last=True)
-    if len(loader) == 0:
-        raise GpusqError(f"{desc}: the data has fewer images ({len(ds)}) than one batch ({cfg.batch_size}); "
-                         "use a smaller --batch-size")
-    total = max(1, math.ceil(cfg.epochs * len(loader)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total, eta_min=cfg.min_lr)
-    feat_kd = teacher is not None and gamma > 0 and bool(feature_names)
-    logit_kd = teacher is not None and beta > 0 and task.logit_kd is not None
-    names = (feature_names or []) if feat_kd else []
-    weights = layer_weights or {}
-    model.train()
-    if teacher is not None:
-        teacher.eval()
-    sums: dict[str, float] = {}
-    step, count, epoch, t0 = 0, 0, 0, time.perf_counter()
-    dummy = torch.Generator()
-    state = load_latest_state(ckpt) if (resume and ckpt is not None) else None
-    if state is not None:
-        if int(state["total"]) != total:
-            raise GpusqError(f"{ckpt} is from a run of {int(state['total'])} steps, this one has {total}: "
-                             "same data, batch size and epochs are needed to resume")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        set_rng_state(state["rng"], dummy)
-        step, epoch, count, sums = int(state["step"]), int(state["epoch"]), int(state["count"]), dict(state["sums"])
-        print(f"{desc}: resumed at epoch {epoch}, step {step}/{total}", file=sys.stderr, flush=True)
-    with FeatureHooks(model, names) as hs, FeatureHooks(teacher or model, names) as ht:
-        while step < total:
-            sums, count = {}, 0
-            loader.generator.manual_seed(seed * 100_003 + epoch)  # shuffle order = f(seed, epoch)
-            for batch in loader:
-                batch = task.to_device(batch, device)
-                out = task.losses(model, batch)
-                captures = {k: v for k, v in out.items() if k.startswith("_")}
-                losses = {k: v for k, v in out.items() if not k.startswith("_")}
-                loss = alpha * sum(losses.values())
-                parts = {k: float(v.detach()) for k, v in losses.items()}
-                if feat_kd or logit_kd:
-                    with torch.no_grad():
-                        t_out = task.teacher_features(teacher, batch)
-                if feat_kd:
-                    feat = sum(weights.get(n, 1.0) * feature_loss(hs.features[n], ht.features[n]) for n in names)
-                    loss = loss + gamma * feat
-                    parts["feat"] = float(feat.detach())
-                if logit_kd:
-                    soft = task.logit_kd(teacher, batch, captures, t_out, temperature)
-                    loss = loss + beta * soft
-                    parts["soft"] = float(soft.detach())
-                if not torch.isfinite(loss):
-                    raise GpusqError(f"{desc}: the loss became {float(loss)} at step {step}; lower the learning rate")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-                opt.step()
-                sched.step()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
-                step += 1
-                if step >= total:
-                    break
-            epoch += 1
-            if ckpt is not None:
-                save_train_state(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(),
-                                        "sched": sched.state_dict(), "rng": rng_state(dummy), "step": step,
-                                        "epoch": epoch, "total": total, "count": count, "sums": sums})
-            mean = {k: v / max(count, 1) for k, v in sums.items()}
-            print(f"{desc}: epoch {epoch}/{math.ceil(cfg.epochs)} step {step}/{total} "
-                  + " ".join(f"{k} {v:.4f}" for k, v in mean.items()) + f" ({time.perf_counter() - t0:.0f}s)",
-                  file=sys.stderr, flush=True)
-    return {k: v / max(count, 1) for k, v in sums.items()}
-
-
-@torch.no_grad()
-def _distortion(task: Task, student: nn.Module, teacher: nn.Module, ds, names: list[str], batches: int,
-                batch_size: int, device: torch.device) -> dict[str, float]:
-    """Stage-1 relative feature distortion per backbone block (as ``gpusq.distill.measure_distortion``)."""
-    num, den = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
-    student.eval()
-    teacher.eval()
-    with FeatureHooks(student, names) as hs, FeatureHooks(teacher, names) as ht:
-        for i, batch in enumerate(_loader(task, ds, batch_size, False, 0, drop_last=False)):
-            if i >= batches:
-                break
-            batch = task.to_device(batch, device)
-            task.teacher_features(student, batch)
-            task.teacher_features(teacher, batch)
-            for n in names:
-                s, t = hs.features[n].float(), ht.features[n].float()
-                num[n] += float((s - t).pow(2).sum())
-                den[n] += float(t.pow(2).sum())
-    return {n: num[n] / max(den[n], 1e-12) for n in names}
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -481,39 +347,47 @@ def load_task_dir(path: str | Path, task: str, device: torch.device | None = Non
 
 def train_dense_task(task: str, model_name: str, model_kwargs: dict[str, Any], data: str, out: str | Path, *,
                      val_data: str | None = None, cfg: StageConfig | None = None, seed: int = 0,
-                     device: torch.device | None = None, resume: bool = False) -> dict[str, Any]:
-    """Train a dense model (a teacher) and write ``DIR/model.safetensors`` + ``task.yaml`` + ``report.json``.
+                     device: torch.device | None = None, resume: bool = False,
+                     progress: bool = False) -> dict[str, Any]:
+    """Train a dense model (a teacher) with ``gpusq.engine.train_stage`` and write
+    ``DIR/model.safetensors`` + ``task.yaml`` + ``report.json``.
 
-    A per-epoch checkpoint lives in ``DIR/.train/`` until the run ends (``resume`` continues from it)."""
+    Checkpoints live in ``DIR/.train/`` until the run ends (``resume`` continues from them)."""
     from safetensors.torch import save_file
 
     t = task_spec(task, model_name)
-    device = device or torch.device("cpu")
+    device = device or device_of(None)
     ds = t.load_data(data)
     val = t.load_data(val_data) if val_data else ds
     names = _check_data_classes(ds, val, data, val_data)
     kw = t.check_kwargs(ds, model_kwargs)
-    torch.manual_seed(seed)
+    seed_everything(seed)
     model = t.create(model_name, **kw).to(device)
+    D.broadcast_module_(model)  # identical initial weights on every rank
     cfg = cfg or StageConfig(epochs=10, lr=1e-3)
+    _check_stage(cfg, "label_smoothing")
     out = Path(out)
     ckdir = out / CKPT_DIR
     ckdir.mkdir(parents=True, exist_ok=True)
-    losses = train_task(t, model, ds, cfg, seed=seed, device=device, desc="train", ckpt=ckdir / "train.safetensors",
-                        resume=resume)
-    metrics = evaluate_task(t, model, val, cfg.batch_size, device)
-    # one copy per key: safetensors refuses tensors that share memory (tied heads, e.g. Deformable-DETR's)
-    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    meta = {"gpusq_task": task, **({"classes": json.dumps(names)} if names is not None else {})}
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata=meta))
-    _write_task_info(out, {"task": task, "format": TASK_FORMAT, "model": model_name, "model_kwargs": kw,
-                           "compressed": False, **t.data_info(ds)})
-    report = {"task": task, "model": model_name, "metrics": metrics, "train_losses": losses}
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    shutil.rmtree(ckdir, ignore_errors=True)
+    adapter = TaskAdapter(t, val, cfg.batch_size, device)
+    res = engine.train_stage("train", model, task_batches(t, ds, cfg.batch_size, seed), cfg, device,
+                             adapter=adapter, ckpt_path=ckdir / "train.safetensors", resume=resume, seed=seed,
+                             progress=progress)
+    metrics = adapter.evaluate(model)
+    report = {"task": task, "model": model_name, "metrics": metrics,
+              "train_losses": res.history[-1]["losses"] if res.history else {}, "history": res.history,
+              "processes": D.world()}
+    if D.is_main():
+        # one copy per key: safetensors refuses tensors that share memory (tied heads, e.g. Deformable-DETR's)
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+        meta = {"gpusq_task": task, **({"classes": json.dumps(names)} if names is not None else {})}
+        atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata=meta))
+        _write_task_info(out, {"task": task, "format": TASK_FORMAT, "model": model_name, "model_kwargs": kw,
+                               "compressed": False, **t.data_info(ds)})
+        engine.write_json(out / "report.json", report)
+        shutil.rmtree(ckdir, ignore_errors=True)
+    D.barrier()
     return report
-
-
 
 
 def load_teacher(task: str, teacher: str | Path, data: str, model: str | None = None,
@@ -568,18 +442,18 @@ def _kw_text(kw: dict[str, Any]) -> str:
 def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str, out: str | Path, *,
                   model: str | None = None, model_kwargs: dict[str, Any] | None = None,
                   val_data: str | None = None, batch_size: int | None = None, seed: int = 0,
-                  device: torch.device | None = None, resume: bool = False) -> dict[str, Any]:
-    """GPUSQ stages 1 and 2 on a dense model of ``task``; writes the compressed model + ``report.json``.
+                  device: torch.device | None = None, resume: bool = False, progress: bool = False,
+                  ckpt_every: int = 0, epoch_eval: bool = True) -> dict[str, Any]:
+    """GPUSQ (``gpusq.engine.compress``) on a dense model of ``task``; writes the compressed model,
+    ``task.yaml`` and ``report.json``.
 
-    Per-epoch checkpoints of both stages live in ``out/.train/`` until the run ends; ``resume``
-    continues an interrupted run from them (a finished stage is loaded, not retrained).
-
-    ``teacher_dir``: a ``gpusq train --task`` directory, or a weights file of ``model``.
-    Stage 1: 2:4 + task losses + feature KD (+ logit KD) from the dense teacher. Stage 2: quantize,
-    calibrate, QAT with the same losses from the stage-1 model, feature terms weighted by stage-1 distortion.
+    ``teacher_dir``: a ``gpusq train --task`` directory, or a weights file of ``model``. Checkpoints
+    live in ``out/.train/`` until the run ends; ``resume`` continues an interrupted run from them
+    (a finished stage 1 is loaded from ``out/stage1/``, not retrained).
     """
     check_task(task)
-    device = device or torch.device("cpu")
+    check_recipe(recipe)  # before any work
+    device = device or device_of(None)
     teacher, info, t, ds = load_teacher(task, teacher_dir, data, model, model_kwargs, device)
     val = t.load_data(val_data) if val_data else ds
     names = _check_data_classes(ds, val, data, val_data)
@@ -589,67 +463,127 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
         info = {**info, "classes": names}
     if "label_to_cat" in info and ds.label_to_cat != {int(k): v for k, v in info["label_to_cat"].items()}:
         raise GpusqError(f"the categories of {data} differ from the teacher's ({teacher_dir})")
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    c = recipe.distill
-    s1, s2 = recipe.train.stage1, recipe.train.stage2
-    if batch_size:
-        s1 = StageConfig(**{**s1.__dict__, "batch_size": batch_size})
-        s2 = StageConfig(**{**s2.__dict__, "batch_size": batch_size})
-    teacher_metrics = evaluate_task(t, teacher, val, s1.batch_size, device)
-    print(f"teacher: {t.summary(teacher_metrics)}", file=sys.stderr, flush=True)
-
-    student = copy.deepcopy(teacher)
-    for p in student.parameters():
-        p.requires_grad_(True)
-    names = feature_layers(student, t.features)
-    sel = sparsify_(student, SparsityConfig(pattern=recipe.sparsity.pattern, include=t.include,
-                                            exclude=list(recipe.sparsity.exclude)))
-    if not sel.selected:
-        raise GpusqError(f"no layer of {info['model']} matches the {task} compression patterns")
-    kd = dict(alpha=c.alpha, beta=c.beta, gamma=c.gamma, temperature=c.temperature, device=device, resume=resume)
+    bs = batch_size or recipe.train.stage1.batch_size
+    adapter = TaskAdapter(t, val, bs, device, info)
     out = Path(out)
-    ckdir = out / CKPT_DIR
-    ckdir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    stage1 = train_task(t, student, ds, s1, seed=seed, teacher=teacher, feature_names=names, desc="stage 1",
-                        ckpt=ckdir / "stage1.safetensors", **kd)
-    distortion = _distortion(t, student, teacher, ds, names, recipe.train.calib_batches, s1.batch_size, device)
-    weights = layer_weights_from_distortion(distortion, c.layer_weighting)
-    stage2: dict[str, float] = {}
-    if recipe.quantized:
-        sparse_teacher = copy.deepcopy(student).eval()
-        for p in sparse_teacher.parameters():
-            p.requires_grad_(False)
-        quantize_(student, recipe.quant)
-        calib = [t.to_device(b, device) for k, b in enumerate(_loader(t, ds, s1.batch_size, False, 0, False))
-                 if k < recipe.train.calib_batches]
-        calibrate(student, lambda m: [t.teacher_features(m, b) for b in calib])
-        stage2 = train_task(t, student, ds, s2, seed=seed + 1, teacher=sparse_teacher, feature_names=names,
-                            layer_weights=weights, desc="stage 2", ckpt=ckdir / "stage2.safetensors", **kd)
-    student.eval()
-    ok = check_2to4(student)
-    if recipe.sparse and not all(ok.values()):
-        raise InternalError(f"2:4 pattern lost in {[n for n, v in ok.items() if not v]}")
-    # metrics of the model as stored (codes + bf16 dense tensors): `gpusq eval` of the output reproduces them
-    stored, stored_state, stored_meta = stored_model(student, recipe, info["model"], info["model_kwargs"],
-                                                     classes=names)
-    metrics = evaluate_task(t, stored, val, s1.batch_size, device)
-    write_compressed(stored_state, stored_meta, out, recipe)
-    _write_task_info(out, {**info, "compressed": True, "recipe": recipe.name})
-    report = {
-        "task": task, "model": info["model"], "family": t.family, "recipe": recipe.name,
-        "metrics": metrics, "teacher_metrics": teacher_metrics,
-        "compressed_layers": sel.selected, "skipped_layers": sel.skipped, "dense_layers": t.dense_layers,
-        "distill": {"hard": "the model's task losses", "feature_layers": names,
-                    "logit": (LOGIT_KD_DOC.get(t.family, "none") if c.beta > 0 else "off (distill.beta = 0)"),
-                    "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma, "temperature": c.temperature},
-        "layer_distortion": distortion, "layer_weights": weights,
-        "stage1_losses": stage1, "stage2_losses": stage2, "check_2to4": bool(all(ok.values())),
-    }
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    shutil.rmtree(ckdir, ignore_errors=True)
-    return report
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed)
+    D.broadcast_module_(teacher)  # replicated teacher: identical on every rank, so are the masks
+    header = {"task": task, "model": info["model"], "family": t.family}
+    return engine.compress(adapter, teacher, recipe, out, task_batches(t, ds, bs, seed), device=device,
+                           model_name=info["model"], model_kwargs=info["model_kwargs"], classes=names,
+                           report=header, seed=seed, batch_size=batch_size, resume=resume, progress=progress,
+                           ckpt_every=ckpt_every, ckpt_dir=CKPT_DIR, epoch_eval=epoch_eval)
+
+
+# -- the engine's view of a task ---------------------------------------------------------------------
+class TaskBatches(Batches):
+    """``gpusq.data.Batches`` (seeded shuffle per epoch, ``skip`` for mid-epoch resume, torchrun shards)
+    of a task dataset, collated by the family."""
+
+    def __init__(self, ds, batch_size: int, collate: Callable, seed: int, rank: int, world: int):
+        super().__init__(ds, batch_size, shuffle=True, seed=seed, workers=0, drop_last=True, rank=rank, world=world)
+        self.collate = collate
+
+    def __iter__(self) -> Iterator[Any]:
+        chunks = list(self.indices().split(self.bs))
+        if chunks and len(chunks[-1]) < self.bs:
+            chunks = chunks[:-1]
+        chunks = chunks[self.skip:]
+        self.skip = 0
+        for c in chunks:
+            yield self.collate([self.ds[i] for i in c.tolist()])
+
+
+def task_batches(t: Task, ds, batch_size: int, seed: int) -> TaskBatches:
+    """Training batches; under torchrun each rank gets ``batch_size / world`` of every global batch."""
+    world = D.world()
+    if batch_size % world:
+        raise GpusqError(f"the batch size {batch_size} is not divisible by the {world} processes; "
+                         f"use a multiple of {world}")
+    b = TaskBatches(ds, batch_size // world, t.collate, seed, D.rank(), world)
+    if len(b) == 0:
+        raise GpusqError(f"the training data has fewer images ({len(ds)}) than one batch ({batch_size}); "
+                         "use a smaller --batch-size")
+    return b
+
+
+def _check_stage(cfg: StageConfig, field: str) -> None:
+    """The one recipe field a task cannot use: label smoothing belongs to a cross-entropy over classes."""
+    if cfg.label_smoothing:
+        raise GpusqError(f"{field} is for classification; detection / segmentation models train on their "
+                         f"own losses (set it to 0)")
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """A one-line error for a recipe field no task can use (every other field is used)."""
+    from dataclasses import fields
+
+    from gpusq.augment import AugmentConfig
+
+    default = AugmentConfig()
+    changed = [f.name for f in fields(default) if getattr(recipe.augment, f.name) != getattr(default, f.name)]
+    if changed:  # the task pipelines have their own data transforms
+        raise GpusqError(f"augment.{changed[0]} is for classification; detection / segmentation runs use their "
+                         "own data transforms (remove the recipe's augment section)")
+    _check_stage(recipe.train.stage1, "train.stage1.label_smoothing")
+    _check_stage(recipe.train.stage2, "train.stage2.label_smoothing")
+
+
+class TaskAdapter:
+    """A ``Task`` family spec as a ``gpusq.engine.Adapter``: the model's own losses are the hard loss."""
+
+    find_unused = True  # a detection head may leave parameters without gradient in a step
+
+    def __init__(self, t: Task, val, batch_size: int, device: torch.device, info: dict[str, Any] | None = None):
+        self.t, self.val, self.batch_size, self.device, self.info = t, val, batch_size, device, info or {}
+        self.task, self.features, self.include, self.history_keys = t.name, t.features, t.include, t.metrics
+
+    def size(self, batch) -> int:
+        return self.t.size(batch)
+
+    def prepare(self, batch, device: torch.device, train: bool, generator: torch.Generator | None = None,
+                shard: tuple[int, int] = (0, 1), step: int = 0):
+        return self.t.to_device(batch, device)
+
+    def forward(self, model: nn.Module, run: Callable, batch, label_smoothing: float) -> Step:
+        out = self.t.losses(model, batch, run)
+        losses = {k: v for k, v in out.items() if not k.startswith("_")}
+        return Step(sum(losses.values()), {k: v for k, v in out.items() if k.startswith("_")}, losses)
+
+    def teacher_forward(self, teacher: Callable, batch):
+        return self.t.teacher_features(teacher, batch)
+
+    def logit_kd(self, teacher: nn.Module, batch, step: Step, t_out, temperature: float) -> torch.Tensor | None:
+        if self.t.logit_kd is None:
+            return None
+        return self.t.logit_kd(teacher, batch, step.captures, t_out, temperature)
+
+    def infer(self, model: nn.Module, batch):
+        return self.t.teacher_features(model, batch)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Every rank evaluates the whole split (mAP does not add up over shards); identical models."""
+        return evaluate_task(self.t, model, self.val, self.batch_size, self.device)
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        check_recipe(recipe)
+
+    def write(self, out: Path, report: dict[str, Any], stored: nn.Module, state: dict, meta: dict,
+              recipe: Recipe) -> None:
+        c = recipe.distill
+        hist = report["history"]
+        last = lambda h: h[-1].get("losses", {}) if h else {}  # noqa: E731
+        report.update({
+            "skipped_layers": report.get("layers_skipped", {}), "dense_layers": self.t.dense_layers,
+            "distill": {"hard": "the model's task losses", "feature_layers": report["feature_layers"],
+                        "logit": (LOGIT_KD_DOC.get(self.t.family, "none") if c.beta > 0 else "off (distill.beta = 0)"),
+                        "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma, "temperature": c.temperature},
+            "stage1_losses": last(hist["stage1"]), "stage2_losses": last(hist["stage2"]),
+        })
+        write_compressed(state, meta, out, recipe)
+        _write_task_info(out, {**self.info, "compressed": True, "recipe": recipe.name})
+        engine.write_json(out / "report.json", report)
 
 
 LOGIT_KD_DOC = {
