@@ -220,9 +220,10 @@ def test_cli(tmp_path, capsys):
     assert rc == 0 and out.is_file()
     assert "Q/DQ: 9 QuantizeLinear, 18 DequantizeLinear" in text
     assert "top-1 agreement 100.00%" in text or "top-1 agreement 99." in text
-    rc = cli(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(out)])
+    new = tmp_path / "new.onnx"  # (an existing --out is refused first: tests/test_bad_input.py)
+    rc = cli(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(new)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "checkpoint not found" in err
-    rc = cli(["export", "--checkpoint", str(ck), "--out", str(out), "--opset", "13"])
+    rc = cli(["export", "--checkpoint", str(ck), "--out", str(new), "--opset", "13"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "unsupported opset 13" in err

@@ -569,6 +569,9 @@ class TaskAdapter:
     def check_recipe(self, recipe: Recipe) -> None:
         check_recipe(recipe)
 
+    def begin_stage(self, seed: int, cfg: StageConfig) -> None:
+        """Task batches draw their augmentation in ``prepare`` alone: nothing per stage."""
+
     def write(self, out: Path, report: dict[str, Any], stored: nn.Module, state: dict, meta: dict,
               recipe: Recipe) -> None:
         c = recipe.distill
