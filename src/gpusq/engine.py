@@ -479,7 +479,8 @@ def compress(adapter: Adapter, teacher: nn.Module, recipe: Recipe, out: Path, tr
     recipe = replace(recipe, sparsity=sparsity_config(adapter, recipe),
                      distill=feature_pattern(adapter, recipe.distill))
     teacher.eval().requires_grad_(False)
-    feats = feature_layers(teacher, recipe.distill.features) if recipe.distill.gamma > 0 else []
+    names = feature_layers(teacher, recipe.distill.features)  # stage-1 damage is measured on these
+    feats = names if recipe.distill.gamma > 0 else []  # and distilled when features are weighted in
     ev = adapter.evaluate
     report = {**report, "recipe": recipe.name, "teacher_metrics": ev(teacher)}
     ck = out / ckpt_dir
@@ -492,7 +493,15 @@ def compress(adapter: Adapter, teacher: nn.Module, recipe: Recipe, out: Path, tr
     stage1_dir = out / "stage1"
     if stage1_from is None and resume and (stage1_dir / "stage1.json").is_file():
         stage1_from = stage1_dir  # stage 1 finished before the interruption
-    names = feature_layers(teacher, recipe.distill.features)
+
+    def feature_errors() -> tuple[dict[str, float], dict[str, float]]:
+        """The sparse student's per-layer feature damage (distortion, feature MSE), averaged over ranks."""
+        if not names:
+            return {}, {}
+        imp = sample_batches(adapter, train_batches, recipe.train.importance_batches, device)
+        distortion, mse = measure_feature_errors(student, teacher, imp, names, adapter.infer)
+        return D.mean_dict(distortion), D.mean_dict(mse)
+
     if stage1_from is not None:
         state, s1_info, _r = read_compressed_dir(stage1_from)
         s1_file = Path(stage1_from) / "stage1.json"
@@ -510,9 +519,7 @@ def compress(adapter: Adapter, teacher: nn.Module, recipe: Recipe, out: Path, tr
         distortion = s1["distortion"]
         feature_mse = s1.get("feature_mse")
         if feature_mse is None:  # a stage-1 directory written before feature_mse was recorded
-            imp = sample_batches(adapter, train_batches, recipe.train.importance_batches, device)
-            feature_mse = D.mean_dict(measure_feature_errors(student, teacher, imp, names, adapter.infer)[1]) \
-                if names else {}
+            feature_mse = feature_errors()[1]
     else:
         if recipe.sparse:
             sel = sparsify_(student, recipe.sparsity)
@@ -528,10 +535,7 @@ def compress(adapter: Adapter, teacher: nn.Module, recipe: Recipe, out: Path, tr
                          resume=resume, seed=seed, eval_fn=ev if epoch_eval else None, progress=progress,
                          compile=compile)
         hist1 = r1.history
-        imp = sample_batches(adapter, train_batches, recipe.train.importance_batches, device)
-        distortion, feature_mse = measure_feature_errors(student, teacher, imp, names, adapter.infer) \
-            if names else ({}, {})
-        distortion, feature_mse = D.mean_dict(distortion), D.mean_dict(feature_mse)
+        distortion, feature_mse = feature_errors()
         if main:
             save_compressed(student, stage1_dir, recipe, model_name, model_kwargs, classes=classes,
                             dense_dtype="fp32")  # lossless: stage 2 trains on it
