@@ -19,8 +19,10 @@ mkdir -p /tmp/cifar/teacher
 if ls .carry/teacher/teacher.tar.part* >/dev/null 2>&1; then
   cat .carry/teacher/teacher.tar.part* | tar -x -C /tmp/cifar/teacher
 else
-  python3 benchmarks/cifar10_accuracy.py --data .carry/cifar10-jpeg-20k.zip --out /tmp/cifar --teacher-only \
-    "${targs[@]}" 2>&1 | tee "$OUT/teacher.log"
+  # a teacher that would not leave the call time to return its files is stopped (TEACHER_S, default BUDGET_S - 60)
+  timeout "${TEACHER_S:-$(( ${BUDGET_S:-530} - 60 ))}" python3 benchmarks/cifar10_accuracy.py \
+    --data .carry/cifar10-jpeg-20k.zip --out /tmp/cifar --teacher-only "${targs[@]}" 2>&1 | tee "$OUT/teacher.log"
+  [ -f /tmp/cifar/teacher/model.safetensors ] || { echo "teacher not finished in time"; exit 1; }
   tar -c -C /tmp/cifar/teacher --exclude=checkpoints . | split -b 15M - "$OUT/teacher.tar.part"
 fi
 echo "teacher ready after $(( $(date +%s) - start ))s"
