@@ -108,7 +108,10 @@ def test_miou_matches_numpy_reference_over_batches():
 
 def test_confusion_bad_input():
     cm = ConfusionMatrix(3)
-    with pytest.raises(GpusqError, match="differs from label shape"):
+    with pytest.raises(ValueError, match="differs from label shape") as e:  # the caller's bug, not user input
         cm.update(torch.zeros(2, 3), torch.zeros(3, 2))
+    assert not isinstance(e.value, GpusqError)
+    with pytest.raises(ValueError, match=r"predicted classes must lie in \[0, 2\]"):
+        cm.update(torch.full((2, 2), 3), torch.zeros(2, 2))
     with pytest.raises(GpusqError, match=r"label values must lie in \[0, 2\]"):
         cm.update(torch.zeros(2, 2), torch.full((2, 2), 4))

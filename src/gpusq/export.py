@@ -204,7 +204,7 @@ def _layer_nodes(key: str, layer: CompressedLayer, x: str, y: str, int4_native: 
             inits.append(helper.make_tensor(f"{p}.input_zero_point", onnx.TensorProto.FLOAT8E4M3FN, [],
                                             b"\x00", raw=True))
         else:
-            raise GpusqError(f"layer {key}: activation format {afmt} has no ONNX Q/DQ mapping")
+            raise InternalError(f"layer {key}: activation format {afmt} has no ONNX Q/DQ mapping")
         nodes.append(helper.make_node("QuantizeLinear", [x, f"{p}.input_scale", f"{p}.input_zero_point"],
                                       [f"{p}.input_q"], name=f"{p}.input_quantize"))
         nodes.append(helper.make_node("DequantizeLinear",
@@ -251,7 +251,7 @@ def _layer_nodes(key: str, layer: CompressedLayer, x: str, y: str, int4_native: 
         ins = [a, w] + ([f"{p}.bias"] if bias is not None else [])
         nodes.append(helper.make_node("Conv", ins, [y], name=f"{p}.conv", **attrs))
     else:
-        raise GpusqError(f"layer {key}: {type(layer).__name__} is not exportable")
+        raise InternalError(f"layer {key}: {type(layer).__name__} is not exportable")  # only the two layer types exist
     return nodes, inits
 
 

@@ -99,9 +99,11 @@ class ConfusionMatrix:
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """``pred``, ``target``: integer label maps of the same shape (any batch layout)."""
+        """``pred``, ``target``: integer label maps of the same shape (any batch layout). Label values
+        out of range come from the user's data (``GpusqError``); a wrong ``pred`` is a caller's bug
+        (``ValueError``)."""
         if pred.shape != target.shape:
-            raise GpusqError(f"prediction shape {tuple(pred.shape)} differs from label shape {tuple(target.shape)}")
+            raise ValueError(f"prediction shape {tuple(pred.shape)} differs from label shape {tuple(target.shape)}")
         p, t = pred.reshape(-1).long().cpu(), target.reshape(-1).long().cpu()
         keep = torch.ones_like(t, dtype=torch.bool) if self.ignore_index is None else t != self.ignore_index
         p, t = p[keep], t[keep]
@@ -110,7 +112,7 @@ class ConfusionMatrix:
             raise GpusqError(f"label values must lie in [0, {k - 1}] (or be ignore_index); got "
                              f"[{int(t.min())}, {int(t.max())}]")
         if len(p) and (int(p.min()) < 0 or int(p.max()) >= k):
-            raise GpusqError(f"predicted classes must lie in [0, {k - 1}]")
+            raise ValueError(f"predicted classes must lie in [0, {k - 1}]")
         self.mat += torch.bincount(t * k + p, minlength=k * k).reshape(k, k)
 
     def compute(self) -> dict[str, float]:
