@@ -137,9 +137,25 @@ def test_register_a_family_before_timm():
     families.register(fam)
     try:
         assert families.FAMILIES[-2:] == [fam, families.TIMM]
-        assert families.lookup("toy_mlp", "classification") is fam and families.names() [-1] == "toy_mlp"
+        assert families.lookup("toy_mlp", "classification") is fam and families.names()[-1] == "toy_mlp"
         assert isinstance(families.build("toy_mlp"), nn.Linear)
         with pytest.raises(ValueError, match="registered already"):
             families.register(fam)
     finally:
         families.FAMILIES.remove(fam)
+
+
+def test_bench_parts_compress_what_the_family_compresses():
+    """``gpusq bench`` times Mask R-CNN's Swin body alone: the family's patterns, written for the whole
+    model, select the same GEMMs in the body (named without ``backbone.body.``); DETR has no GPU path."""
+    from gpusq.bench import task_parts
+
+    parts = task_parts("maskrcnn_swin_test", (64, 64))
+    assert parts.family is families.MASKRCNN and parts.part == "backbone" and parts.size == (3, 64, 64)
+    whole = families.build("maskrcnn_swin_test", img_size=(64, 64), min_size=64, max_size=64)
+    expected = [n.removeprefix("backbone.body.") for n in select_layers(whole, families.MASKRCNN.include).selected]
+    assert len(expected) == 16 and select_layers(parts.base, filter_fn=parts.select()).selected == expected
+    assert len(select_layers(parts.base, filter_fn=parts.select([r"mlp\.fc2$"])).selected) == 12
+    assert task_parts("deit_tiny_patch16_224", None) is None
+    with pytest.raises(GpusqError, match="detr_test is a detr model, which has no GPU deployment path"):
+        task_parts("detr_test", (64, 64))
