@@ -12,8 +12,8 @@ compressed layer ``L``:
 * ``L.bias`` and every other tensor of the model at the recipe's ``deploy.dense_dtype`` (bf16 by
   default; integer buffers as they are).
 
-The metadata name the format, the model (timm name + kwargs), the recipe, the class names and
-each compressed layer's weight shape and formats. Loading rebuilds the fake-quant model exactly
+The metadata name the format, the model (its ``gpusq.families`` name + kwargs), the recipe, the
+class names and each compressed layer's weight shape and formats. Loading rebuilds the fake-quant model exactly
 as stored (``save -> load -> save`` gives identical bytes) and attaches each layer's stored codes,
 which deployment and export then use (``gpusq.codes.layer_codes``). Version 1 directories (dense
 float32 effective weights + masks) still load. Nothing here uses pickle.
