@@ -295,7 +295,7 @@ def main() -> None:
     if not (out / "teacher" / "model.safetensors").is_file():
         kw = dict(KWARGS)
         if args.model_arg:
-            from gpusq.models import parse_model_kwargs
+            from gpusq.cli.args import parse_model_kwargs
 
             kw.update(parse_model_kwargs([args.model_arg]))
         import dataclasses

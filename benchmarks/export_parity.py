@@ -22,9 +22,10 @@ from pathlib import Path
 import onnx
 import torch
 
+from gpusq import families
 from gpusq.export import export_onnx, is_2to4_array, qdq_summary, verify, weight_initializers
+from gpusq.families import model_input_size
 from gpusq.layers import compressed_layers
-from gpusq.models import create_model, model_input_size
 from gpusq.quant import calibrate, quantize_
 from gpusq.recipes import load_recipe
 from gpusq.sparsity import sparsify_
@@ -51,7 +52,7 @@ def calib_images(args, size) -> list[torch.Tensor]:
 def run_one(name: str, recipe: str, args, tmp: Path) -> dict:
     torch.manual_seed(args.seed)
     if args.teacher is None:
-        model = create_model(name, num_classes=args.num_classes).eval()
+        model = families.build(name, num_classes=args.num_classes).eval()
     else:
         from gpusq.pipeline import load_any
 

@@ -21,15 +21,16 @@ import torch
 def measure(model_name: str, recipe_name: str) -> dict:
     from safetensors.torch import save_file
 
+    from gpusq import families
     from gpusq.checkpoint import save_compressed
-    from gpusq.models import create_model, model_input_size
+    from gpusq.families import model_input_size
     from gpusq.quant import calibrate, quantize_
     from gpusq.recipes import load_recipe
     from gpusq.sparsity import sparsify_
     from gpusq.stats import model_stats
 
     torch.manual_seed(0)
-    model = create_model(model_name).eval()
+    model = families.build(model_name).eval()
     recipe = load_recipe(recipe_name)
     with tempfile.TemporaryDirectory() as d:
         dense_file = Path(d) / "dense.safetensors"

@@ -45,18 +45,18 @@ class Fpn(nn.Module):
 
 
 def main() -> None:
+    from gpusq import families
     from gpusq.deploy import deploy
     from gpusq.quant import calibrate, quantize_
     from gpusq.recipes import load_recipe
     from gpusq.sparsity import SparsityConfig, sparsify_
-    from gpusq.tasks.models import create_detection_model, create_segmentation_model
 
     mode, which = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
     if which == "up":
-        m = Logits(create_segmentation_model("upernet_swin_test", img_size=64))
+        m = Logits(families.build("upernet_swin_test", img_size=64))
     else:
-        m = Fpn(create_detection_model("maskrcnn_swin_test", img_size=64, min_size=64, max_size=64).backbone)
+        m = Fpn(families.build("maskrcnn_swin_test", img_size=64, min_size=64, max_size=64).backbone)
     m = m.cuda().eval()
     r = load_recipe("int8")
     sparsify_(m, SparsityConfig(include=[r"(^|\.)blocks\.\d+\."]))

@@ -363,20 +363,20 @@ def test_fused_hf_swin_needs_one_input_scale():
 def test_fused_task_backbones_match(reference_kernels, name):
     """The Swin inside Mask R-CNN (timm, features_only, 64 x 96 images: padded windows) and inside UPerNet
     (transformers) runs on the fused blocks and gives the fake-quant backbone's feature maps."""
+    from gpusq import families
     from gpusq.quant import calibrate, quantize_
     from gpusq.recipes import load_recipe
     from gpusq.sparsity import SparsityConfig, sparsify_
-    from gpusq.tasks.models import create_detection_model, create_segmentation_model
 
     torch.manual_seed(0)
     if name.startswith("maskrcnn"):
-        body = create_detection_model(name, img_size=(64, 96), min_size=64, max_size=96).eval().backbone.body
+        body = families.build(name, img_size=(64, 96), min_size=64, max_size=96).eval().backbone.body
         x = torch.randn(2, 3, 64, 96)
 
         def feats(m):
             return list(m(x))
     else:
-        body = create_segmentation_model(name).eval().backbone
+        body = families.build(name).eval().backbone
         x = torch.randn(2, 3, 64, 64)
 
         def feats(m):

@@ -244,10 +244,10 @@ def test_export_verify_checks_classes(capsys, tmp_path, folder, three):
 def _task_dir(out, task, model, kwargs, classes, label_to_cat=None):
     from safetensors.torch import save_file
 
-    from gpusq.tasks.pipeline import task_spec
+    from gpusq import families
 
     torch.manual_seed(0)
-    m = task_spec(task, model).create(model, **kwargs)
+    m = families.build(model, task, **kwargs)
     out.mkdir(parents=True)
     state = {k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"gpusq_task": task})

@@ -80,10 +80,10 @@ def test_teacher_weights_file_with_model(data, tmp_path, capsys):
     """A user's own checkpoint (a state-dict file) + --model NAME is a valid teacher."""
     import torch
 
-    from gpusq.tasks.models import create_detection_model
+    from gpusq import families
 
     torch.manual_seed(0)
-    m = create_detection_model("maskrcnn_swin_test", num_classes=11)
+    m = families.build("maskrcnn_swin_test", num_classes=11)
     torch.save(m.state_dict(), tmp_path / "mine.pth")
     common = ["--task", "detection", "--data", str(data / "val"), "--batch-size", "3", "--json",
               "--set", "train.stage1.epochs=1", *NO_FLOOR, "--set", "train.stage2.epochs=1",

@@ -19,6 +19,7 @@ pytest.importorskip("pycocotools")
 NO_FLOOR = ["--set", "train.stage1.min_steps=0", "--set", "train.stage2.min_steps=0"]  # exactly the epochs
 
 
+from gpusq import families  # noqa: E402
 from gpusq.cli import main  # noqa: E402
 from gpusq.errors import GpusqError  # noqa: E402
 from gpusq.layers import CompressedLayer, compressed_layers  # noqa: E402
@@ -52,27 +53,27 @@ def _batch(n=2, size=(48, 40), seed=0, k=3):
 
 def _model(name, seed=0, **kw):
     torch.manual_seed(seed)
-    return detr.DETR_MODELS[name](num_labels=3, **kw)
+    return families.build(name, "detection", num_labels=3, **kw)
 
 
 def test_builders_offline_and_registered():
     """All four build from configs with random weights (no hub access, no timm), and ``--model`` finds them."""
     for name, q, d, layers in (("detr_r50", 100, 256, 6), ("deformable_detr_r50", 300, 256, 6),
                                ("detr_test", 16, 32, 1), ("deformable_detr_test", 16, 32, 1)):
-        m = detr.DETR_MODELS[name](num_labels=7)
+        m = families.build(name, num_labels=7)
         c = m.config
         assert (c.num_queries, c.d_model, c.encoder_layers, c.num_labels) == (q, d, layers, 7), name
         assert c.backbone_config.model_type == "resnet" and not getattr(c, "use_pretrained_backbone", False)
         assert all(p.requires_grad for p in m.parameters())  # random-init backbone trains too
-        assert task_spec("detection", name).family == "detr"
+        assert task_spec("detection", name).family is families.DETR and families.lookup(name).name == "detr"
         if name.startswith("deformable"):
             assert c.disable_custom_kernels
-    r50 = detr.DETR_MODELS["detr_r50"](num_labels=7)
+    r50 = families.build("detr_r50", num_labels=7)
     convs = [mod for mod in r50.model.backbone.modules() if isinstance(mod, nn.Conv2d)]
     assert len(convs) == 53 and max(mod.out_channels for mod in convs) == 2048  # ResNet-50: 49 + 4 shortcut convs
-    assert len(sparsify_(r50, SparsityConfig(include=detr.DETR_INCLUDE)).selected) == 6 * 6 + 6 * 10
+    assert len(sparsify_(r50, SparsityConfig(include=families.DETR.include)).selected) == 6 * 6 + 6 * 10
     with pytest.raises(GpusqError, match="unknown DetrConfig field"):
-        detr.DETR_MODELS["detr_test"](num_queries=4, not_a_field=1)
+        families.build("detr_test", num_queries=4, not_a_field=1)
 
 
 def test_coco_to_detr_labels_by_hand():
@@ -117,7 +118,7 @@ def test_compression_reach_and_qat_step(name):
     expected = {n for n, mod in m.named_modules() if isinstance(mod, nn.Linear)
                 and n.startswith(("model.encoder.layers.", "model.decoder.layers."))}
     assert len(expected) == (16 if name == "detr_test" else 6 + 2 * 10)
-    sel = sparsify_(m, SparsityConfig(include=detr.DETR_INCLUDE))
+    sel = sparsify_(m, SparsityConfig(include=families.DETR.include))
     assert set(sel.selected) == expected and not sel.skipped
     dense = [mod for n, mod in m.named_modules() if n.startswith(("model.backbone", "model.input_projection",
                                                                    "class_", "bbox_"))]
@@ -134,7 +135,7 @@ def test_compression_reach_and_qat_step(name):
     assert m.get_submodule(some).weight.grad.abs().sum() > 0
     opt.step()
     assert all(check_2to4(m).values()) and len(check_2to4(m)) == len(expected)
-    names = [n for n, _ in m.named_modules() if n and re.search(detr.DETR_FEATURES, n)]
+    names = [n for n, _ in m.named_modules() if n and re.search(families.DETR.features, n)]
     assert names == [f"model.encoder.layers.{i}" for i in range(m.config.encoder_layers)] + \
         [f"model.decoder.layers.{i}" for i in range(m.config.decoder_layers)]
 
@@ -202,7 +203,7 @@ def test_compressed_dir_reloads_bit_exact(name, tmp_path):
     m = _model(name, seed=3)
     b = _batch(n=2)
     r = load_recipe("int8")
-    sparsify_(m, SparsityConfig(include=detr.DETR_INCLUDE))
+    sparsify_(m, SparsityConfig(include=families.DETR.include))
     quantize_(m, r.quant)
     calibrate(m, lambda mm: detr.teacher_features(mm, b))
     m.eval()

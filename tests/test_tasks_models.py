@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
+from gpusq import families
 from gpusq.distill import FeatureHooks, feature_layers, feature_loss, measure_distortion
 from gpusq.errors import GpusqError
 from gpusq.layers import CompressedLayer, compressed_layers
 from gpusq.quant import calibrate, quantize_
 from gpusq.recipes import load_recipe
 from gpusq.sparsity import SparsityConfig, check_2to4, sparsify_
-from gpusq.tasks.models import DETECTION_FEATURES, DETECTION_INCLUDE, create_detection_model
 
 SIZE = 64
 
@@ -41,12 +41,12 @@ def _batch(n=2, seed=0):
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return create_detection_model("maskrcnn_swin_test", num_classes=3, img_size=SIZE)
+    return families.build("maskrcnn_swin_test", "detection", num_classes=3, img_size=SIZE)
 
 
 def test_unknown_model():
     with pytest.raises(GpusqError, match="unknown detection model 'maskrcnn_swin'.*did you mean: maskrcnn_swin_t"):
-        create_detection_model("maskrcnn_swin")
+        families.build("maskrcnn_swin", "detection")
 
 
 def test_compress_train_step_eval(model):
@@ -55,7 +55,7 @@ def test_compress_train_step_eval(model):
                 and n.rsplit(".", 2)[-2:] in (["attn", "qkv"], ["attn", "proj"], ["mlp", "fc1"], ["mlp", "fc2"])}
     assert len(expected) == 16  # 4 stages x 1 block x (qkv, proj, fc1, fc2)
     recipe = load_recipe("int8")
-    sel = sparsify_(model, SparsityConfig(include=DETECTION_INCLUDE))
+    sel = sparsify_(model, SparsityConfig(include=families.MASKRCNN.include))
     assert set(sel.selected) == {f"backbone.body.{n}" for n in expected} and not sel.skipped
     quantize_(model, recipe.quant)
     calibrate(model, lambda m: m(images))
@@ -93,10 +93,10 @@ def test_compress_train_step_eval(model):
 def test_feature_kd_hooks(model):
     images, _ = _batch(seed=1)
     teacher = copy.deepcopy(model).eval()
-    names = feature_layers(model, DETECTION_FEATURES)
+    names = feature_layers(model, families.MASKRCNN.features)
     assert names == ([f"backbone.body.layers_{i}.blocks.0" for i in range(4)]
                      + [f"backbone.fpn.layer_blocks.{i}" for i in range(4)])  # Swin blocks, then FPN outputs
-    sparsify_(model, SparsityConfig(include=DETECTION_INCLUDE))
+    sparsify_(model, SparsityConfig(include=families.MASKRCNN.include))
 
     # The identical teacher gives zero distortion; the pruned student a positive one per block.
     same = measure_distortion(copy.deepcopy(teacher), teacher, [images], names)
@@ -119,12 +119,10 @@ def test_feature_kd_hooks(model):
 
 def test_upernet_swin_compress_train_step():
     pytest.importorskip("transformers")
-    from gpusq.tasks.models import SEGMENTATION_FEATURES, SEGMENTATION_INCLUDE, create_segmentation_model
-
     with pytest.raises(GpusqError, match="unknown segmentation model 'upernet'"):
-        create_segmentation_model("upernet")
+        families.build("upernet", "segmentation")
     torch.manual_seed(0)
-    m = create_segmentation_model("upernet_swin_test", num_labels=4)
+    m = families.build("upernet_swin_test", "segmentation", num_labels=4)
     teacher = copy.deepcopy(m).eval()
     expected = {n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and n.startswith("backbone.")
                 and ".blocks." in n}
@@ -132,12 +130,12 @@ def test_upernet_swin_compress_train_step():
     x = torch.rand(2, 3, SIZE, SIZE)
     y = torch.randint(0, 4, (2, SIZE, SIZE))
     recipe = load_recipe("int8")
-    sel = sparsify_(m, SparsityConfig(include=SEGMENTATION_INCLUDE))
+    sel = sparsify_(m, SparsityConfig(include=families.UPERNET.include))
     assert set(sel.selected) == expected and not sel.skipped
     quantize_(m, recipe.quant)
     calibrate(m, lambda mm: mm(pixel_values=x))
     assert not any(isinstance(mod, CompressedLayer) for n, mod in m.named_modules() if not n.startswith("backbone."))
-    names = feature_layers(m, SEGMENTATION_FEATURES)
+    names = feature_layers(m, families.UPERNET.features)
     assert len(names) == 4
     m.train()
     opt = torch.optim.SGD(m.parameters(), lr=0.05)

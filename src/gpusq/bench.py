@@ -18,7 +18,7 @@ of kernel launches per forward and per transformer block at every batch (the bat
 mostly a kernel-count matter).
 
 Detection and segmentation models (``maskrcnn_swin_t``, ``upernet_swin_t``, ...; see
-``gpusq.tasks.models``) are measured in two parts: ``NAME:backbone`` (the Swin backbone, where the
+``gpusq.families``) are measured in two parts: ``NAME:backbone`` (the Swin backbone, where the
 compressed GEMMs are, from a CUDA graph) and ``NAME:whole`` (the whole model: UPerNet from a CUDA
 graph; Mask R-CNN eagerly, its backbone replaying the variant's graph and the rest, with its
 data-dependent NMS / RoI sampling, under bf16 autocast, fp32 for the fp32/tf32 variants).
@@ -34,6 +34,11 @@ import copy
 import math
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gpusq.families import BLOCK_COMPILE_REGIONS
 
 VARIANTS = ("fp32", "tf32", "bf16", "bf16-compile", "fp8-dense", "gpusq")
 SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -52,31 +57,45 @@ def _version(dist: str) -> str | None:
 # ------------------------------------------------------------------------------------------------
 # building the variants
 # ------------------------------------------------------------------------------------------------
-# Detection / segmentation models: compress what ``gpusq compress --task`` compresses (the Linears of
-# the backbone's transformer blocks; patch embedding and merging stay dense).
-TASK_SPARSITY_INCLUDE = (r"(^|\.)blocks\.\d+\.",)
+@dataclass
+class TaskParts:
+    """What ``gpusq bench`` times of a detection / segmentation model (``task_parts``)."""
+
+    base: Any  # the module timed from a CUDA graph
+    size: tuple[int, int, int]  # (C, H, W)
+    part: str  # what ``base`` is: "backbone" | "whole"
+    extra: tuple[str, Callable]  # (the other part, its timer factory)
+    family: Any  # its gpusq.families record: the GEMMs compressed, the compile regions
+    prefix: str = ""  # the name of ``base`` in the whole model (for the family's layer patterns)
+
+    def select(self, exclude=()) -> Callable[[str, Any], bool]:
+        """filter_fn: the GEMMs ``gpusq compress --task`` compresses (minus ``exclude``), named as in ``base``."""
+        return self.family.gemm_filter(exclude, self.prefix)
 
 
-def _task_model(name: str, hw: tuple[int, int] | None):
-    """(base module timed from a CUDA graph, (C, H, W), part label, extra-part timer factory) for a
-    detection/segmentation model name, or None for a timm name."""
+def task_parts(name: str, hw: tuple[int, int] | None) -> TaskParts | None:
+    """The parts of a detection / segmentation model name to time (at ``hw``, default its family's input
+    size), or None for a classifier. A family without a GPU deployment path is a one-line error."""
     import torch
     from torch import nn
 
-    from gpusq.tasks.models import DETECTION_MODELS, SEGMENTATION_MODELS
+    from gpusq import families
+    from gpusq.errors import GpusqError
 
-    if name in DETECTION_MODELS:
-        h, w = hw or (800, 1344)
-        det = DETECTION_MODELS[name](img_size=(h, w), min_size=min(h, w), max_size=max(h, w),
-                                     box_score_thresh=0.0).eval()  # 100 detections/image reach the mask head
-        return det.backbone.body, (3, h, w), "backbone", ("whole", _maskrcnn_whole(det, h, w))
-    if name in SEGMENTATION_MODELS:
-        h, w = hw or (512, 512)
+    fam = families.lookup(name)
+    if fam.task == "classification":
+        return None
+    h, w = hw or fam.input_size[1:]
+    if fam is families.MASKRCNN:
+        det = fam.build(name, img_size=(h, w), min_size=min(h, w), max_size=max(h, w),
+                        box_score_thresh=0.0).eval()  # 100 detections/image reach the mask head
+        # the Swin body alone: its module names lack the "backbone.body." the family's patterns start from
+        return TaskParts(det.backbone.body, (3, h, w), "backbone", ("whole", _maskrcnn_whole(det, h, w)), fam,
+                         prefix="backbone.body.")
+    if fam is families.UPERNET:
         if h != w:
-            from gpusq.errors import GpusqError
-
             raise GpusqError(f"UPerNet-Swin is benchmarked at square sizes, got {h}x{w}")
-        seg = SEGMENTATION_MODELS[name](img_size=h).eval()
+        seg = fam.build(name, img_size=h).eval()
 
         class Logits(nn.Module):
             def __init__(self, m):
@@ -86,8 +105,9 @@ def _task_model(name: str, hw: tuple[int, int] | None):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 return self.seg(pixel_values=x).logits
 
-        return Logits(seg), (3, h, w), "whole", ("backbone", _upernet_backbone)
-    return None
+        return TaskParts(Logits(seg), (3, h, w), "whole", ("backbone", _upernet_backbone), fam)
+    raise GpusqError(f"gpusq bench measures classifiers and the Swin backbones of Mask R-CNN and UPerNet; {name} "
+                     f"is a {fam.name} model, which has no GPU deployment path")
 
 
 def _maskrcnn_whole(det, h: int, w: int):
@@ -137,23 +157,26 @@ def _upernet_backbone(var, runner, batch: int, min_time: float, reps: int) -> di
     return time_runner(g, [x], min_time, reps)
 
 
-def _calibrated(model, recipe_quant, batch_x, sparse: bool, sparsity=None):
+def _calibrated(model, recipe_quant, batch_x, sparse: bool, sparsity=None, filter_fn=None):
     """A copy of ``model`` with ``recipe_quant`` (on 2:4 masks when ``sparse``) applied and calibrated on
-    ``batch_x`` (``gpusq.prepare.prepare_``)."""
+    ``batch_x`` (``gpusq.prepare.prepare_``); ``filter_fn`` selects the layers instead of ``sparsity``'s patterns."""
     from gpusq.prepare import prepare_
     from gpusq.recipes import Recipe
     from gpusq.sparsity import SparsityConfig
 
     m = copy.deepcopy(model)
     sp = (sparsity or SparsityConfig()) if sparse else SparsityConfig(pattern="none")
-    prepare_(m, Recipe(sparsity=sp, quant=recipe_quant), calibrate_fn=lambda mm: mm(batch_x))
+    prepare_(m, Recipe(sparsity=sp, quant=recipe_quant), calibrate_fn=lambda mm: mm(batch_x), filter_fn=filter_fn)
     return m.eval()
 
 
 class Variant:
-    """A callable ``batch -> runner`` for one variant (runner(x) replays a CUDA graph)."""
+    """A callable ``batch -> runner`` for one variant (runner(x) replays a CUDA graph). ``select``: the
+    layers the gpusq variant compresses (default the recipe's); ``regions``: what ``bf16-compile`` compiles
+    one by one (the family's compile regions)."""
 
-    def __init__(self, name: str, base, args, recipe, input_size):
+    def __init__(self, name: str, base, args, recipe, input_size, select=None,
+                 regions: tuple[str, ...] = BLOCK_COMPILE_REGIONS):
         import torch
 
         from gpusq.deploy import deploy
@@ -170,7 +193,7 @@ class Variant:
             self.model = copy.deepcopy(base).to(dev, torch.bfloat16).eval()
             self.dtype = torch.bfloat16
             if name == "bf16-compile":
-                compile_regions(self.model, args.compile_scope)
+                compile_regions(self.model, args.compile_scope, regions)
         else:
             from gpusq.quant import QuantConfig, QuantSpec
 
@@ -184,7 +207,8 @@ class Variant:
                 self.deployed = deploy(fq, None, batch_sizes=(), compile=args.compile_scope,
                                        fp8_kernel="dense", input_size=input_size, fused=fused)
             else:
-                fq = _calibrated(src, recipe.quant, calib_x, sparse=recipe.sparse, sparsity=recipe.sparsity)
+                fq = _calibrated(src, recipe.quant, calib_x, sparse=recipe.sparse, sparsity=recipe.sparsity,
+                                 filter_fn=select)
                 self.deployed = deploy(fq, recipe, batch_sizes=(), compile=args.compile_scope,
                                        fp8_kernel=args.fp8_kernel, input_size=input_size, fused=fused)
             del src, fq

@@ -12,8 +12,8 @@ compressed layer ``L``:
 * ``L.bias`` and every other tensor of the model at the recipe's ``deploy.dense_dtype`` (bf16 by
   default; integer buffers as they are).
 
-The metadata name the format, the model (timm name + kwargs), the recipe, the class names and
-each compressed layer's weight shape and formats. Loading rebuilds the fake-quant model exactly
+The metadata name the format, the model (its ``gpusq.families`` name + kwargs), the recipe, the
+class names and each compressed layer's weight shape and formats. Loading rebuilds the fake-quant model exactly
 as stored (``save -> load -> save`` gives identical bytes) and attaches each layer's stored codes,
 which deployment and export then use (``gpusq.codes.layer_codes``). Version 1 directories (dense
 float32 effective weights + masks) still load. Nothing here uses pickle.
@@ -259,8 +259,6 @@ def build_compressed(
     Weight quantizers get their stored scales frozen, so the model computes exactly what the
     compressed model that was saved computed; ``codes`` (format 2) are attached to their layers.
     """
-    from gpusq.models import load_weights_
-
     if names is None:  # format 1: the layers are those with a mask or a weight scale
         names = [k[: -len(".weight_mask")] for k in state if k.endswith(".weight_mask")]
         names += [k[: -len(".weight_scale")] for k in state if k.endswith(".weight_scale")]
@@ -306,23 +304,66 @@ def _add_quantizer_state(model: nn.Module, state: dict[str, torch.Tensor]) -> di
 def load_compressed(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, Recipe, dict]:
     """Rebuild the compressed (fake-quant) model of a ``gpusq compress`` output directory.
 
-    ``model``: an already constructed architecture (for models not built from a timm name).
+    ``model``: an already constructed architecture (for models not built by a ``gpusq.families`` name).
     """
-    from gpusq.models import create_model
+    from gpusq import families
 
     state, info, recipe = read_compressed_dir(path)
     if model is None:
         if not info["model"]:
             raise GpusqError(f"{path} does not name its model; pass the architecture through the Python API")
         task_file = Path(path) / "task.yaml" if Path(path).is_dir() else None
-        if task_file is not None and task_file.is_file():  # detection / segmentation models: their registry
-            from gpusq.tasks.pipeline import task_spec
-
+        task = None
+        if task_file is not None and task_file.is_file():  # detection / segmentation outputs name their task
             task = (yaml.safe_load(task_file.read_text()) or {}).get("task")
-            model = task_spec(task, info["model"]).create(info["model"], **info["model_kwargs"])
             info["task"] = task
-        else:
-            model = create_model(info["model"], **info["model_kwargs"])
+        model = families.build(info["model"], task, **info["model_kwargs"])
     build_compressed(model, state, recipe, source=str(path), names=info["layers"], codes=info["codes"])
     model.eval()
     return model, recipe, info
+
+
+# -- weights files (teachers, foreign checkpoints) -----------------------------------------------------
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file or a timm/torch ``.pth`` (loaded with weights_only)."""
+    p = Path(path)
+    if not p.is_file():
+        raise GpusqError(f"checkpoint not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types
+            raise GpusqError(f"checkpoint {p} is not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GpusqError(f"checkpoint {p} could not be read with weights_only=True ({first})") from None
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise GpusqError(f"checkpoint {p} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights_(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load ``state`` strictly; a mismatch is a one-line error naming the first problem."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shape:
+        what = []
+        if shape:
+            k = shape[0]
+            what.append(f"shape of '{k}' is {tuple(state[k].shape)}, model has {tuple(own[k].shape)}")
+        if missing:
+            what.append(f"{len(missing)} missing keys (e.g. '{missing[0]}')")
+        if unexpected:
+            what.append(f"{len(unexpected)} unexpected keys (e.g. '{unexpected[0]}')")
+        raise GpusqError(f"{source} does not match the model: " + "; ".join(what))
+    model.load_state_dict(state, strict=True)

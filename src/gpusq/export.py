@@ -345,7 +345,7 @@ def export_onnx(
     import onnx
 
     from gpusq.checkpoint import atomic_write
-    from gpusq.models import model_input_size
+    from gpusq.families import model_input_size
 
     out = Path(path)
     if not out.parent.is_dir():
@@ -536,7 +536,7 @@ def data_batches(data: str, size: tuple[int, int, int], n: int, batch_size: int)
 def verify(model: nn.Module, onnx_path: str | Path, data: str = "random", n: int = 256,
            batch_size: int = 32, optimize: bool = True, floor: bool = False) -> dict[str, float]:
     """Run the ONNX file in onnxruntime (CPU) next to the PyTorch fake-quant model."""
-    from gpusq.models import model_input_size
+    from gpusq.families import model_input_size
 
     size = model_input_size(model)
     if data == "random":

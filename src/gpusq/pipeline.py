@@ -31,7 +31,7 @@ from gpusq.data import Batches, DataInfo, build_dataset, cache_in_memory, prepar
 from gpusq.distill import DEFAULT_FEATURE_PATTERN, soft_loss
 from gpusq.engine import Step, autocast, device_of, seed_everything
 from gpusq.errors import GpusqError
-from gpusq.models import create_model, load_state_file, load_weights_, model_input_size
+from gpusq.families import model_input_size
 from gpusq.recipes import Recipe, StageConfig
 
 DENSE_FORMAT = "dense-1"
@@ -201,13 +201,16 @@ class ClassificationAdapter:
 
 # -- model construction ---------------------------------------------------------------------------
 def resolve_model(model: str | None, model_kwargs: dict, checkpoint: str | None) -> tuple[nn.Module, str | None, dict]:
-    """Build the dense model (timm name + kwargs) and load ``checkpoint`` if given.
+    """Build the dense classifier (a ``gpusq.families`` name + kwargs) and load ``checkpoint`` if given.
 
     A ``gpusq train`` output directory supplies its own model name and kwargs. The class names
     recorded with ``checkpoint`` (``gpusq.classes.recorded_classes``; None when it has none) are
     attached to the model as ``net.gpusq_classes``, which ``compress`` and ``train_dense`` check
     against the data's.
     """
+    from gpusq import families
+    from gpusq.checkpoint import load_state_file, load_weights_
+
     state = None
     classes = None
     if checkpoint:
@@ -225,7 +228,7 @@ def resolve_model(model: str | None, model_kwargs: dict, checkpoint: str | None)
         classes = recorded_classes(p)
     if not model:
         raise GpusqError("no model given: pass --model NAME (a timm model name)")
-    net = create_model(model, **model_kwargs)
+    net = families.build(model, "classification", **model_kwargs)
     if state is not None:
         if any(k.endswith(".weight_mask") for k in state):
             raise GpusqError(f"{checkpoint} is a compressed model, not a dense one")
@@ -372,6 +375,7 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
 # -- evaluation -----------------------------------------------------------------------------------
 def load_any(checkpoint: str, model: str | None = None, model_kwargs: dict | None = None) -> nn.Module:
     """A gpusq output (dense or compressed) or a foreign weights file, ready for evaluation."""
+    from gpusq import families
     from gpusq.checkpoint import load_compressed
 
     p = Path(checkpoint)
@@ -387,7 +391,7 @@ def load_any(checkpoint: str, model: str | None = None, model_kwargs: dict | Non
         except Exception:  # noqa: BLE001
             raise GpusqError(f"{f} is not a readable safetensors file") from None
         if fmt and fmt != DENSE_FORMAT:
-            net = create_model(model, **(model_kwargs or {})) if model else None
+            net = families.build(model, **(model_kwargs or {})) if model else None
             return load_compressed(p if p.is_dir() else p.parent, model=net)[0]
     return resolve_model(model, model_kwargs or {}, checkpoint)[0]
 

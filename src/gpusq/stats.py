@@ -1,7 +1,8 @@
 """Accounting of a model under a recipe: parameters, deployed size and bit-operations.
 
-Nothing is trained: the recipe is applied to a fresh (random) timm model, so the layers counted as
-compressed are exactly those ``gpusq compress`` would compress. One forward of one image under
+Nothing is trained: the recipe is applied to a fresh (random) model of any ``gpusq.families`` name (a
+timm classifier, or a detection / segmentation model, on its family's GEMMs), so the layers counted
+as compressed are exactly those ``gpusq compress`` would compress. One forward of one image under
 ``torch.utils.flop_counter.FlopCounterMode`` gives the FLOPs of every matrix product (Linear, conv
 as implicit GEMM, attention's QKᵀ and AV), 2 FLOPs per multiply-accumulate.
 
@@ -130,9 +131,9 @@ def model_stats(model: nn.Module, recipe: Recipe | str, input_size: tuple[int, .
     A model without compressed layers is compressed (a copy) the way ``recipe`` would; an already
     compressed model (e.g. from ``load_compressed``) is counted as it is, each layer at the
     precision its own quantizers say. ``input_size`` is (C, H, W) for images or any per-sample
-    shape; by default the model's own (``gpusq.models.model_input_size``).
+    shape; by default the model's own (``gpusq.families.model_input_size``).
     """
-    from gpusq.models import model_input_size
+    from gpusq.families import model_input_size
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     dense_bits = recipe.deploy.dense_bits
@@ -219,25 +220,43 @@ def _size_only(model, recipe: Recipe, model_name, params_dense, params_masked, p
 
 
 def stats(model_name: str, recipe: Recipe | str, **model_kwargs: Any) -> dict[str, Any]:
-    """``model_stats`` of a fresh timm model by name (nothing downloaded).
+    """``model_stats`` of a fresh model by ``gpusq.families`` name (nothing downloaded), compressed where
+    its family's ``gpusq compress`` would compress it; FLOPs at the family's input size.
 
     The model is built on the ``meta`` device: accounting needs shapes only, and this skips
     seconds of random init, mask sorting and fake-quantized matmuls on a base model. A model whose
     forward needs real values falls back to CPU.
     """
-    from gpusq.models import create_model
+    from gpusq import families
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    fam = families.lookup(model_name)
+    recipe = dataclasses.replace(recipe, sparsity=fam.sparsity_config(recipe.sparsity))
     for device in ("meta", "cpu"):
         with torch.device(device):
-            model = create_model(model_name, **model_kwargs)
+            model = fam.build(model_name, **model_kwargs)
         compress_for_accounting_(model, recipe)
         try:
-            return model_stats(model, recipe, model_name=model_name)
+            return _counted(model, recipe, fam.input_size_of(model), model_name)
         except (NotImplementedError, RuntimeError, GpusqError):
             if device == "cpu":
                 raise
     raise AssertionError("unreachable")
+
+
+def _counted(model: nn.Module, recipe: Recipe, size: tuple[int, ...] | None, name: str) -> dict[str, Any]:
+    """``model_stats``; a model whose forward does not take one ``size`` image (a detector needing real
+    values, say) is counted without FLOPs, ``flops_note`` saying why."""
+    try:
+        return model_stats(model, recipe, input_size=size, model_name=name)
+    except GpusqError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a task model whose forward takes other inputs
+        if next(iter(model.parameters())).is_meta:
+            raise NotImplementedError("forward on the meta device") from e
+        row = model_stats(model, recipe, model_name=name, flops=False)
+        row["flops_note"] = f"FLOPs not counted: one forward of a {size} image failed ({type(e).__name__})"
+        return row
 
 
 COLUMNS = [
@@ -291,17 +310,11 @@ def checkpoint_stats(path: str) -> dict[str, Any]:
 
     model, recipe, info = load_compressed(path)
     f = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
-    size = None
     task = info.get("task")
-    if task is not None:
-        size = (3, 224, 224) if task == "classification" else (3, 256, 256)
-    try:
-        row = model_stats(model, recipe, input_size=size, model_name=info["model"])
-    except GpusqError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a task model whose forward takes other inputs
-        row = model_stats(model, recipe, model_name=info["model"], flops=False)
-        row["flops_note"] = f"FLOPs not counted: one forward of a {size} image failed ({type(e).__name__})"
+    # classification: the model's own size; a task model: a small one (its family's 800 px would take a
+    # CPU long on a full-size detector) that every task model takes (a multiple of 32)
+    size = (3, 256, 256) if task is not None else None
+    row = _counted(model, recipe, size, info["model"])
     row["file_bytes"] = f.stat().st_size
     row["file_ratio_vs_fp32"] = row["size_bytes_fp32"] / row["file_bytes"]
     if task is not None:

@@ -285,19 +285,19 @@ def test_task_models_deployed_match_fake_quant(name):
     maps, and the whole model's logits) deployed on the fused blocks, on MNIST-canvas images (random
     weights). Where dense layers (FPN, UPerNet's head) run in bf16 around the backbone, the bound adds
     how far bf16 alone moves the fake-quant model (its autocast run)."""
+    from gpusq import families
     from gpusq.deploy import cslt, deploy
     from gpusq.quant import calibrate, quantize_
     from gpusq.recipes import load_recipe
     from gpusq.sparsity import SparsityConfig, sparsify_
-    from gpusq.tasks.models import create_detection_model, create_segmentation_model
 
     torch.manual_seed(0)
     x = _canvases(16, 96)
     if name.startswith("maskrcnn"):
-        base = create_detection_model(name, img_size=96, min_size=96, max_size=96).backbone
+        base = families.build(name, img_size=96, min_size=96, max_size=96).backbone
         parts = ["fpn"]
     else:
-        base = create_segmentation_model(name, img_size=96)
+        base = families.build(name, img_size=96)
         parts = ["backbone", "logits"]
     base = base.cuda().eval()
     r = load_recipe("int8")

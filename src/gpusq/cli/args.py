@@ -14,6 +14,8 @@ import argparse
 import json
 from typing import Any
 
+import yaml
+
 from gpusq.errors import GpusqError
 
 
@@ -25,6 +27,20 @@ def add_json(ap: argparse.ArgumentParser, what: str = "the result") -> None:
 def add_model_arg(ap: argparse.ArgumentParser, help: str | None = None) -> None:
     ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                     help=help or "model constructor keyword, e.g. img_size=32 (repeatable, or comma-separated)")
+
+
+def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
+    """``["img_size=32", "patch_size=4"]`` → ``{"img_size": 32, "patch_size": 4}`` (YAML values)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        for part in item.split(","):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise GpusqError(f"model argument '{part}' is not KEY=VALUE")
+            k, v = part.split("=", 1)
+            out[k.strip()] = yaml.safe_load(v)
+    return out
 
 
 def device_of(args: argparse.Namespace):

@@ -7,7 +7,6 @@ variant is.)
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -16,16 +15,15 @@ from gpusq import bench
 from gpusq.bench import (
     CATEGORIES,
     SWEEP,
-    TASK_SPARSITY_INCLUDE,
     VARIANTS,
     Variant,
-    _task_model,
     _version,
     add_ratios,
     first_block_call,
     format_table,
     plot,
     profile,
+    task_parts,
     time_runner,
 )
 from gpusq.cli.args import add_json, add_model_arg, parse_batches, parse_hw
@@ -36,8 +34,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=bench.__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="deit_base_patch16_224",
-                    help="timm model name(s), comma-separated (default deit_base_patch16_224)")
-    add_model_arg(ap, "timm create_model keyword (repeatable, or comma-separated)")
+                    help="model name(s), comma-separated: timm classifiers, maskrcnn_swin_t, upernet_swin_t, ... "
+                         "(default deit_base_patch16_224)")
+    add_model_arg(ap, "classifier constructor keyword (repeatable, or comma-separated)")
     ap.add_argument("--input-size", default=None, metavar="H,W",
                     help="image size for detection/segmentation models (default 800,1344 for Mask R-CNN, "
                          "512,512 for UPerNet)")
@@ -72,10 +71,10 @@ def cli_main(argv: list[str], prog: str = "gpusq bench", command: str = "bench")
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise GpusqError(f"unknown variant(s) {', '.join(bad)} (choose from {', '.join(VARIANTS)})")
+    from gpusq import families
+    from gpusq.cli.args import parse_model_kwargs
     from gpusq.deploy import check_gpu, enable_fused_attention, searched_algs
-    from gpusq.models import create_model, model_input_size, parse_model_kwargs
     from gpusq.recipes import load_recipe
-    from gpusq.sparsity import SparsityConfig
 
     check_gpu()
     import torch
@@ -89,24 +88,22 @@ def cli_main(argv: list[str], prog: str = "gpusq bench", command: str = "bench")
     setup: dict = {}
     hw = parse_hw(args.input_size)
     for model_name in [m.strip() for m in args.model.split(",") if m.strip()]:
-        task = _task_model(model_name, hw)
-        extra = None
-        rec = recipe
-        if task is not None:
-            base, size, part, extra = task
-            label = f"{model_name}:{part}"
-            rec = copy.deepcopy(recipe)
-            rec.sparsity = SparsityConfig(pattern=recipe.sparsity.pattern, include=list(TASK_SPARSITY_INCLUDE),
-                                          exclude=list(recipe.sparsity.exclude))
+        task = task_parts(model_name, hw)
+        extra = select = None
+        if task is not None:  # the family's GEMMs (minus the recipe's exclude patterns), in the part timed
+            base, size, extra, regions = task.base, task.size, task.extra, task.family.compile_regions
+            select = task.select(recipe.sparsity.exclude)
+            label = f"{model_name}:{task.part}"
         else:
-            base = create_model(model_name, **kwargs).eval()
-            size = model_input_size(base)
+            fam = families.lookup(model_name, "classification")
+            base = fam.build(model_name, **kwargs).eval()
+            size, regions = fam.input_size_of(base), fam.compile_regions
             label = model_name
         if args.fused_attn == "on":  # on the shared base: every variant, deployed ones included, is a copy
             enable_fused_attention(base)
         for vname in variants:
             print(f"[{label}] building {vname} ...", file=sys.stderr, flush=True)
-            var = Variant(vname, base, args, rec, size)
+            var = Variant(vname, base, args, recipe, size, select=select, regions=regions)
             setup[f"{model_name}/{vname}"] = {"build_s": var.setup_s}
             for b in batches:
                 xs = [torch.randn(b, *size, device="cuda") for _ in range(2)]

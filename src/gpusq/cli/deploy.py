@@ -21,8 +21,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="DIR", help="a gpusq compress output directory")
-    src.add_argument("--model", help="a timm model name (random weights, compressed with --recipe)")
-    add_model_arg(ap, "timm create_model keyword with --model (repeatable, or comma-separated)")
+    src.add_argument("--model", help="a classifier, e.g. a timm model name (random weights, compressed with --recipe)")
+    add_model_arg(ap, "model constructor keyword with --model (repeatable, or comma-separated)")
     ap.add_argument("--recipe", default="int8", help="recipe for --model (default int8)")
     ap.add_argument("--batch", default="1,256", help="batch sizes to prepare, comma-separated (default 1,256)")
     ap.add_argument("--fused", default="auto", choices=("auto", "on", "off"),
@@ -50,12 +50,18 @@ def cli_main(argv: list[str], prog: str = "gpusq deploy", command: str = "deploy
         dm = deploy(args.checkpoint, batch_sizes=batches, fused=fused)
         what = args.checkpoint
     else:
-        from gpusq.models import create_model, model_input_size, parse_model_kwargs
+        from gpusq import families
+        from gpusq.cli.args import parse_model_kwargs
+        from gpusq.errors import GpusqError
         from gpusq.recipes import load_recipe
 
         recipe = load_recipe(args.recipe)
-        base = create_model(args.model, **parse_model_kwargs(args.model_arg)).eval()
-        size = model_input_size(base)
+        fam = families.lookup(args.model)
+        if fam.task != "classification":
+            raise GpusqError(f"deploy builds classification models; {args.model} is a {fam.task} model: "
+                             f"`gpusq bench --model {args.model}` measures it on the GPU kernels")
+        base = fam.build(args.model, **parse_model_kwargs(args.model_arg)).eval()
+        size = fam.input_size_of(base)
         calib = torch.randn(8, *size, generator=torch.Generator().manual_seed(1)).to(dev)
         fq = _calibrated(base.to(dev), recipe.quant, calib, sparse=recipe.sparse, sparsity=recipe.sparsity)
         dm = deploy(fq, recipe, batch_sizes=batches, fused=fused, input_size=size)

@@ -33,7 +33,7 @@ def cli_main(argv: list[str], prog: str = "gpusq export", command: str = "export
     if args.verify and args.verify != "random":  # the checkpoint's classes must be the data's (gpusq.classes)
         from gpusq.classes import check_classes, head_size, recorded_classes
         from gpusq.data import build_dataset
-        from gpusq.models import model_input_size
+        from gpusq.families import model_input_size
 
         _, info = build_dataset(args.verify, "val", model_input_size(model))
         check_classes(recorded_classes(args.checkpoint), head_size(model), info.classes,

@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import argparse
 
-from gpusq.cli.args import add_json, add_model_arg, emit_json
+from gpusq.cli.args import add_json, add_model_arg, emit_json, parse_model_kwargs
 from gpusq.errors import GpusqError
-from gpusq.models import parse_model_kwargs
 from gpusq.recipes import load_recipe
 from gpusq.stats import checkpoint_stats, format_table, stats
 
 
 def cli_main(argv: list[str], prog: str = "gpusq stats", command: str = "stats") -> int:
+    from gpusq import families
+
     ap = argparse.ArgumentParser(
         prog=prog,
-        description="Parameters, deployed size and bit-op ratios of a timm model under a recipe "
+        description="Parameters, deployed size and bit-op ratios of a model under a recipe "
                     "(random weights, no training, CPU is fine).")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model",
-                     help="timm model name, or several separated by commas (e.g. deit_base_patch16_224)")
+                     help="model name, or several separated by commas: a timm classifier (e.g. deit_base_patch16_224) "
+                          f"or one of {', '.join(families.names())}")
     src.add_argument("--checkpoint", metavar="DIR",
                      help="a gpusq compress output (classification, detection or segmentation): counts the "
                           "model as stored and reports its model.safetensors size beside the accounting")
-    add_model_arg(ap, "timm create_model keyword (repeatable, or comma-separated), e.g. img_size=32")
+    add_model_arg(ap, "model constructor keyword (repeatable, or comma-separated), e.g. img_size=32")
     ap.add_argument("--recipe", default="int8",
                     help="recipe name or YAML file; several names separated by commas (default: int8)")
     add_json(ap, "one object, or a list when several models/recipes are given,")

@@ -6,14 +6,22 @@ import argparse
 import sys
 
 from gpusq import distributed as D
+from gpusq import families
 from gpusq.classes import check_classes
-from gpusq.cli.args import add_json, add_model_arg, add_out_args, add_recipe_args, device_of, emit_json, recipe_of
+from gpusq.cli.args import (
+    add_json,
+    add_model_arg,
+    add_out_args,
+    add_recipe_args,
+    device_of,
+    emit_json,
+    parse_model_kwargs,
+    recipe_of,
+)
 from gpusq.errors import GpusqError
-from gpusq.models import parse_model_kwargs
 from gpusq.outdir import check_out_dir
 from gpusq.recipes import StageConfig
 from gpusq.tasks.pipeline import (
-    FAMILIES,
     TASKS,
     check_recipe,
     check_task,
@@ -38,8 +46,7 @@ def _common(ap: argparse.ArgumentParser) -> None:
 
 
 def _models_help() -> str:
-    return "; ".join(f"{task}: {' | '.join(m for f in FAMILIES if f.name == task for m in f.models)}"
-                     for task in TASKS[1:])
+    return "; ".join(f"{task}: {' | '.join(families.names(task))}" for task in TASKS[1:])
 
 
 def cli_main(argv: list[str], prog: str, command: str) -> int:

@@ -21,10 +21,10 @@ from gpusq.cli.args import (
     augment_of,
     device_of,
     emit_json,
+    parse_model_kwargs,
     recipe_of,
 )
 from gpusq.errors import GpusqError
-from gpusq.models import parse_model_kwargs
 from gpusq.outdir import check_out_dir
 from gpusq.pipeline import DataOptions, compress, eval_checkpoint, resolve_model, train_dense
 

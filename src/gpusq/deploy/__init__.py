@@ -216,8 +216,8 @@ def deploy(model_or_dir, recipe=None, batch_sizes=(1,), *, input_size: tuple[int
     ``fused`` attribute says which path ran and why.
     """
     from gpusq.deploy.modules import DeployedLinear, DeployedPatchEmbed
+    from gpusq.families import model_input_size
     from gpusq.layers import compressed_layers, replace_module
-    from gpusq.models import model_input_size
 
     if fp8_kernel not in ("auto", "sparse", "dense"):
         raise GpusqError(f"fp8_kernel must be auto, sparse or dense, got {fp8_kernel!r}")

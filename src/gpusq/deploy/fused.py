@@ -23,11 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpusq.families import BLOCK_COMPILE_REGIONS
 from gpusq.quant import FP8_MAX
-
-# Modules compiled one by one: the repeated transformer blocks (compiled once, reused by every
-# block of the same shape, which keeps compile time low) and the few modules around them.
-COMPILE_REGIONS = (r"(^|\.)blocks\.\d+$", r"^patch_embed$", r"(^|\.)downsample$")
 
 
 def pad_rows_cols(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -62,8 +59,10 @@ def configure_dynamo() -> None:
     # inline_inbuilt_nn_modules (one graph reused by every block of a shape) is the default since torch 2.5
 
 
-def compile_regions(model: nn.Module, scope: str = "blocks") -> list[str]:
-    """Compile ``model`` in place: ``blocks`` = each region of ``COMPILE_REGIONS`` on its own,
+def compile_regions(model: nn.Module, scope: str = "blocks",
+                    regions: tuple[str, ...] = BLOCK_COMPILE_REGIONS) -> list[str]:
+    """Compile ``model`` in place: ``blocks`` = each module matching ``regions`` (its family's
+    ``compile_regions``: the transformer blocks and the few modules around them) on its own,
     ``model`` = the whole forward at once, ``none`` = nothing. Returns what was compiled."""
     if scope == "none":
         return []
@@ -81,7 +80,7 @@ def compile_regions(model: nn.Module, scope: str = "blocks") -> list[str]:
         return names
     if scope != "blocks":
         raise ValueError(f"compile scope {scope!r} is not one of blocks, model, none")
-    pats = [re.compile(p) for p in COMPILE_REGIONS]
+    pats = [re.compile(p) for p in regions]
     names = []
     for name, mod in model.named_modules():
         if any(name == f or name.startswith(f + ".") for f in fused):

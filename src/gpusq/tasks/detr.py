@@ -1,16 +1,11 @@
-"""DETR and Deformable-DETR (Hugging Face transformers) for ``gpusq train|compress|eval --task detection``.
+"""DETR and Deformable-DETR (Hugging Face transformers) as a ``--task detection`` adapter: COCO data in
+DETR's batch dialect, the Hungarian set loss, matched-query logit KD and COCO evaluation.
 
-Built offline from configs: the backbone is transformers' own ``ResNetConfig`` (no timm, no hub),
-``use_pretrained_backbone=False``; weights are optional (``gpusq compress --teacher FILE --model NAME``
-loads the user's state dict). Deformable-DETR runs its pure-PyTorch multi-scale deformable attention
-(``disable_custom_kernels=True``), so nothing is compiled on any machine.
-
-GPUSQ compresses the transformer: every Linear inside an encoder or decoder layer (self-attention
+The models are built by the ``detr`` family (``gpusq.families``, builders in ``gpusq.tasks.models``):
+GPUSQ compresses the transformer, every Linear inside an encoder or decoder layer (self-attention
 q/k/v/out, DETR's cross-attention q/k/v/out, Deformable's ``value_proj``, ``output_proj``,
-``sampling_offsets``, ``attention_weights``, and the FFN ``fc1``/``fc2``). The ResNet backbone,
+``sampling_offsets``, ``attention_weights``, and the FFN ``fc1``/``fc2``); the ResNet backbone,
 ``input_projection``, the query embeddings and the heads (class classifier, box MLP) stay dense.
-Names differ across transformers versions (``out_proj`` vs ``o_proj``, ``fc1`` vs ``mlp.fc1``),
-hence ``DETR_INCLUDE`` matches any Linear below ``model.(encoder|decoder).layers.N``.
 
 KD (see ``gpusq.tasks.pipeline.Task``): the hard loss is the model's own Hungarian-matched set loss;
 logit KD is applied on the queries the same Hungarian matcher assigned to ground-truth objects only
@@ -33,94 +28,9 @@ from gpusq.distill import soft_loss
 from gpusq.errors import GpusqError
 from gpusq.tasks.coco import CocoDetection, coco_folder
 
-# Every Linear inside an encoder / decoder layer (select_layers only picks Linear / Conv2d modules).
-DETR_INCLUDE = (r"^model\.(encoder|decoder)\.layers\.\d+\..+",)
-# Feature KD taps: each encoder layer's output (tokens of the image) and each decoder layer's (queries).
-DETR_FEATURES = r"^model\.(encoder|decoder)\.layers\.\d+$"
-
 # What the DETR image processor normalizes with (ImageNet statistics).
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
-
-R50 = dict(embedding_size=64, hidden_sizes=(256, 512, 1024, 2048), depths=(3, 4, 6, 3), layer_type="bottleneck")
-RESNET_TINY = dict(embedding_size=16, hidden_sizes=(16, 32, 64, 128), depths=(1, 1, 1, 1), layer_type="basic")
-# DETR reads only the backbone's last stage: 2 stages (stride 8) keep an 8x8 map on a 64 px canvas
-# (4 stages would leave 2x2 tokens to localize 20 px digits with).
-RESNET_TINY_S8 = dict(embedding_size=16, hidden_sizes=(32, 64), depths=(1, 1), layer_type="basic")
-TINY = dict(num_queries=16, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0)
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise GpusqError("DETR / Deformable-DETR need 'transformers' (pip install 'gpusq[dense]')") from None
-    return transformers
-
-
-def _config(cls, backbone: dict, out_features: list[str], kwargs: dict[str, Any]):
-    """A DETR-family config on a random-init transformers ResNet; a one-line error for an unknown field."""
-    tf = _transformers()
-    known = set(cls().to_dict()) | {"num_labels"}  # a property, not a to_dict key
-    bad = sorted(k for k in kwargs if k not in known)
-    if bad:
-        raise GpusqError(f"unknown {cls.__name__} field(s): {', '.join(bad)}")
-    bb = tf.ResNetConfig(num_channels=3, **{k: list(v) if isinstance(v, tuple) else v for k, v in backbone.items()},
-                         out_features=out_features)
-    return cls(use_timm_backbone=False, backbone_config=bb, backbone=None, use_pretrained_backbone=False, **kwargs)
-
-
-def _trainable(model: nn.Module) -> nn.Module:
-    """transformers freezes (part of) the ResNet, expecting pretrained weights; from random init all of it trains."""
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
-
-
-def detr(num_labels: int = 91, backbone: dict | None = None, **kwargs: Any) -> nn.Module:
-    """``DetrForObjectDetection`` (random init). ``num_labels`` = K object classes (no-object is added)."""
-    tf = _transformers()
-    backbone = backbone or R50
-    last = f"stage{len(backbone['depths'])}"
-    cfg = _config(tf.DetrConfig, backbone, [last], {"num_labels": num_labels, **kwargs})
-    return _trainable(tf.DetrForObjectDetection(cfg))
-
-
-def deformable_detr(num_labels: int = 91, backbone: dict | None = None, **kwargs: Any) -> nn.Module:
-    """``DeformableDetrForObjectDetection`` (random init, single stage, no box refinement), 3 ResNet levels
-    (strides 8/16/32) + one extra stride-64 level, pure-PyTorch deformable attention."""
-    tf = _transformers()
-    kw = {"num_labels": num_labels, "disable_custom_kernels": True, **kwargs}
-    cfg = _config(tf.DeformableDetrConfig, backbone or R50, ["stage2", "stage3", "stage4"], kw)
-    return _trainable(tf.DeformableDetrForObjectDetection(cfg))
-
-
-def _detr_r50(num_labels: int = 91, **kw: Any) -> nn.Module:
-    """DETR-R50 as in the paper (6+6 layers, d_model 256, 100 queries, auxiliary decoding losses)."""
-    return detr(num_labels, **{"auxiliary_loss": True, **kw})
-
-
-def _deformable_detr_r50(num_labels: int = 91, **kw: Any) -> nn.Module:
-    """Deformable-DETR-R50 (6+6 layers, d_model 256, 300 queries, 4 levels, auxiliary losses)."""
-    return deformable_detr(num_labels, **{"auxiliary_loss": True, **kw})
-
-
-def _detr_test(num_labels: int = 10, **kw: Any) -> nn.Module:
-    """CPU-sized DETR for 64 px canvases: 2-stage basic ResNet (stride 8, 64 wide), 1+1 layers, d_model 32,
-    16 queries."""
-    return detr(num_labels, backbone=RESNET_TINY_S8, **{**TINY, **kw})
-
-
-def _deformable_detr_test(num_labels: int = 10, **kw: Any) -> nn.Module:
-    """CPU-sized Deformable-DETR: as ``detr_test`` with 2 decoder layers (transformers 5 cannot tie the
-    per-layer heads of a 1-layer decoder) and 2 sampling points."""
-    base = {**TINY, "decoder_layers": 2, "encoder_n_points": 2, "decoder_n_points": 2}
-    return deformable_detr(num_labels, backbone=RESNET_TINY, **{**base, **kw})
-
-
-DETR_MODELS = {"detr_r50": _detr_r50, "deformable_detr_r50": _deformable_detr_r50,
-               "detr_test": _detr_test, "deformable_detr_test": _deformable_detr_test}
 
 
 def is_sigmoid(model: nn.Module) -> bool:

@@ -1,13 +1,17 @@
-"""Dense-prediction models built offline (no weight downloads): Mask R-CNN on a Swin + FPN backbone
-(torchvision + timm) and UPerNet-Swin (transformers).
+"""The builders of the dense-prediction families (registered in ``gpusq.families``), offline and with
+random weights: Mask R-CNN on a Swin + FPN backbone (torchvision + timm), UPerNet-Swin and DETR /
+Deformable-DETR (transformers).
 
-The backbone is timm's Swin (``features_only``, ``strict_img_size=False`` so any image size that
-torchvision's transform produces is accepted), its four NHWC stage outputs turned NCHW and fed to
+Mask R-CNN's backbone is timm's Swin (``features_only``, ``strict_img_size=False`` so any image size
+that torchvision's transform produces is accepted), its four NHWC stage outputs turned NCHW and fed to
 torchvision's ``FeaturePyramidNetwork``; the detector is torchvision's ``MaskRCNN``.
 
-GPUSQ compresses the backbone's transformer GEMMs (per block: ``attn.qkv``, ``attn.proj``,
-``mlp.fc1``, ``mlp.fc2``); ``DETECTION_INCLUDE`` selects exactly those. The FPN, RPN and RoI heads
-stay dense (small convs / task heads; the paper compresses the transformer).
+DETR / Deformable-DETR are built from configs on transformers' own ``ResNetConfig`` (no timm, no hub),
+``use_pretrained_backbone=False``; Deformable-DETR runs its pure-PyTorch multi-scale deformable
+attention (``disable_custom_kernels=True``), so nothing is compiled on any machine.
+
+Which layers of these models GPUSQ compresses and distils is not here: it is their family's record.
+timm, torchvision and transformers are imported only when a model is built.
 """
 
 from __future__ import annotations
@@ -18,12 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpusq.errors import GpusqError, close_matches
-
-# The backbone's transformer-block linears, whatever prefix wraps them ("backbone.body.layers_0.blocks.1.mlp.fc1").
-DETECTION_INCLUDE = (r"(^|\.)backbone\.body\.(.+\.)?blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$",)
-# Feature KD taps: the outputs of the backbone's transformer blocks and of the FPN (its output convs P2-P5).
-DETECTION_FEATURES = r"(^|\.)backbone\.(body\.(.+\.)?blocks\.\d+|fpn\.layer_blocks\.\d+)$"
+from gpusq.errors import GpusqError
 
 SWIN_T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7)
 # For tests and the CPU smoke runs: one block per stage, 32-wide.
@@ -71,22 +70,17 @@ def maskrcnn_swin(num_classes: int, img_size: int = 224, swin: dict | None = Non
                     image_mean=list(image_mean), image_std=list(image_std), **kwargs)
 
 
-def _maskrcnn_swin_t(num_classes: int = 91, **kw: Any) -> nn.Module:
+def maskrcnn_swin_t(num_classes: int = 91, **kw: Any) -> nn.Module:
+    """Mask R-CNN on Swin-T + FPN (COCO's 80 categories + background by default)."""
     return maskrcnn_swin(num_classes, **{"swin": SWIN_T, **kw})
 
 
-def _maskrcnn_swin_test(num_classes: int = 11, **kw: Any) -> nn.Module:
+def maskrcnn_swin_test(num_classes: int = 11, **kw: Any) -> nn.Module:
     """A CPU-sized Mask R-CNN for 64–96 px canvases (MNIST-canvas): tiny Swin, small anchors."""
     base = dict(img_size=64, swin=SWIN_TINY_TEST, fpn_channels=32, anchor_sizes=(8, 16, 32, 64, 128),
                 image_mean=(0.1307,) * 3, image_std=(0.3081,) * 3, rpn_batch_size_per_image=64,
                 box_batch_size_per_image=64, box_detections_per_img=20)
     return maskrcnn_swin(num_classes, **{**base, **kw})
-
-
-# UPerNet-Swin (transformers): every Linear inside a backbone Swin block (q/k/v/o projections and the
-# MLP; named differently across transformers versions, hence the loose tail). The UPerNet head is convs.
-SEGMENTATION_INCLUDE = (r"(^|\.)backbone\.(.+\.)?blocks\.\d+\..+",)
-SEGMENTATION_FEATURES = r"(^|\.)backbone\.(.+\.)?blocks\.\d+$"
 
 
 def upernet_swin(num_labels: int, img_size: int = 512, embed_dim: int = 96, depths: tuple[int, ...] = (2, 2, 6, 2),
@@ -111,32 +105,92 @@ def upernet_swin(num_labels: int, img_size: int = 512, embed_dim: int = 96, dept
     return UperNetForSemanticSegmentation(cfg)
 
 
-def _upernet_swin_test(num_labels: int = 11, **kw: Any) -> nn.Module:
+def upernet_swin_t(num_labels: int = 150, **kw: Any) -> nn.Module:
+    """UPerNet on Swin-T (ADE20K's 150 classes by default)."""
+    return upernet_swin(num_labels, **kw)
+
+
+def upernet_swin_test(num_labels: int = 11, **kw: Any) -> nn.Module:
+    """A CPU-sized UPerNet for 64-96 px canvases (MNIST-canvas): one Swin block per stage, 32 wide."""
     base = dict(img_size=64, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4, hidden_size=32)
     return upernet_swin(num_labels, **{**base, **kw})
 
 
-SEGMENTATION_MODELS = {"upernet_swin_t": lambda num_labels=150, **kw: upernet_swin(num_labels, **kw),
-                       "upernet_swin_test": _upernet_swin_test}
 
 
-def _build(registry: dict, kind: str, name: str, kwargs: dict) -> nn.Module:
-    """Build ``name`` from ``registry`` (random init); one-line GpusqError for an unknown name."""
-    if name not in registry:
-        near = close_matches(name, registry)
-        raise GpusqError(f"unknown {kind} model {name!r}" + (f"; did you mean: {near}?" if near else "")
-                         + f" (known: {', '.join(registry)})")
-    return registry[name](**kwargs)
+# -- DETR / Deformable-DETR (transformers) ---------------------------------------------------------
+R50 = dict(embedding_size=64, hidden_sizes=(256, 512, 1024, 2048), depths=(3, 4, 6, 3), layer_type="bottleneck")
+RESNET_TINY = dict(embedding_size=16, hidden_sizes=(16, 32, 64, 128), depths=(1, 1, 1, 1), layer_type="basic")
+# DETR reads only the backbone's last stage: 2 stages (stride 8) keep an 8x8 map on a 64 px canvas
+# (4 stages would leave 2x2 tokens to localize 20 px digits with).
+RESNET_TINY_S8 = dict(embedding_size=16, hidden_sizes=(32, 64), depths=(1, 1), layer_type="basic")
+DETR_TINY = dict(num_queries=16, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                 decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0)
 
 
-def create_segmentation_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a semantic-segmentation model by name (random init)."""
-    return _build(SEGMENTATION_MODELS, "segmentation", name, kwargs)
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise GpusqError("DETR / Deformable-DETR need 'transformers' (pip install 'gpusq[dense]')") from None
+    return transformers
 
 
-DETECTION_MODELS = {"maskrcnn_swin_t": _maskrcnn_swin_t, "maskrcnn_swin_test": _maskrcnn_swin_test}
+def _detr_config(cls, backbone: dict, out_features: list[str], kwargs: dict[str, Any]):
+    """A DETR-family config on a random-init transformers ResNet; a one-line error for an unknown field."""
+    tf = _transformers()
+    known = set(cls().to_dict()) | {"num_labels"}  # a property, not a to_dict key
+    bad = sorted(k for k in kwargs if k not in known)
+    if bad:
+        raise GpusqError(f"unknown {cls.__name__} field(s): {', '.join(bad)}")
+    bb = tf.ResNetConfig(num_channels=3, **{k: list(v) if isinstance(v, tuple) else v for k, v in backbone.items()},
+                         out_features=out_features)
+    return cls(use_timm_backbone=False, backbone_config=bb, backbone=None, use_pretrained_backbone=False, **kwargs)
 
 
-def create_detection_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a detection model by name (random init)."""
-    return _build(DETECTION_MODELS, "detection", name, kwargs)
+def _trainable(model: nn.Module) -> nn.Module:
+    """transformers freezes (part of) the ResNet, expecting pretrained weights; from random init all of it trains."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def detr(num_labels: int = 91, backbone: dict | None = None, **kwargs: Any) -> nn.Module:
+    """``DetrForObjectDetection`` (random init). ``num_labels`` = K object classes (no-object is added)."""
+    tf = _transformers()
+    backbone = backbone or R50
+    last = f"stage{len(backbone['depths'])}"
+    cfg = _detr_config(tf.DetrConfig, backbone, [last], {"num_labels": num_labels, **kwargs})
+    return _trainable(tf.DetrForObjectDetection(cfg))
+
+
+def deformable_detr(num_labels: int = 91, backbone: dict | None = None, **kwargs: Any) -> nn.Module:
+    """``DeformableDetrForObjectDetection`` (random init, single stage, no box refinement), 3 ResNet levels
+    (strides 8/16/32) + one extra stride-64 level, pure-PyTorch deformable attention."""
+    tf = _transformers()
+    kw = {"num_labels": num_labels, "disable_custom_kernels": True, **kwargs}
+    cfg = _detr_config(tf.DeformableDetrConfig, backbone or R50, ["stage2", "stage3", "stage4"], kw)
+    return _trainable(tf.DeformableDetrForObjectDetection(cfg))
+
+
+def detr_r50(num_labels: int = 91, **kw: Any) -> nn.Module:
+    """DETR-R50 as in the paper (6+6 layers, d_model 256, 100 queries, auxiliary decoding losses)."""
+    return detr(num_labels, **{"auxiliary_loss": True, **kw})
+
+
+def deformable_detr_r50(num_labels: int = 91, **kw: Any) -> nn.Module:
+    """Deformable-DETR-R50 (6+6 layers, d_model 256, 300 queries, 4 levels, auxiliary losses)."""
+    return deformable_detr(num_labels, **{"auxiliary_loss": True, **kw})
+
+
+def detr_test(num_labels: int = 10, **kw: Any) -> nn.Module:
+    """CPU-sized DETR for 64 px canvases: 2-stage basic ResNet (stride 8, 64 wide), 1+1 layers, d_model 32,
+    16 queries."""
+    return detr(num_labels, backbone=RESNET_TINY_S8, **{**DETR_TINY, **kw})
+
+
+def deformable_detr_test(num_labels: int = 10, **kw: Any) -> nn.Module:
+    """CPU-sized Deformable-DETR: as ``detr_test`` with 2 decoder layers (transformers 5 cannot tie the
+    per-layer heads of a 1-layer decoder) and 2 sampling points."""
+    base = {**DETR_TINY, "decoder_layers": 2, "encoder_n_points": 2, "decoder_n_points": 2}
+    return deformable_detr(num_labels, backbone=RESNET_TINY, **{**base, **kw})

@@ -4,10 +4,11 @@ folders, and their output directories.
 
 The method is the engine's, as for classification (stages, KD, importance weights, checkpoints and
 ``--resume``, torchrun, autocast, warmup + cosine, ``min_steps``). A model family is a ``Task`` spec
-(``FAMILIES``): its models, the GEMMs it compresses (``Task.include``, unless the recipe names its own
-``sparsity.include``), its KD feature layers (``Task.features``, unless the recipe sets
-``distill.features``), its own task losses (the hard loss), its logit-KD term and its evaluation;
-``task_spec(task, model)`` finds it by model name. ``TaskAdapter`` puts a spec into the engine.
+(``SPECS``, one per model family): its data, its own task losses (the hard loss), its logit-KD term
+and its evaluation. The model-side facts are the family's (``gpusq.families``: the builders, the
+GEMMs compressed unless the recipe names its own ``sparsity.include``, the KD feature layers unless the
+recipe sets ``distill.features``); ``task_spec(task, model)`` finds the spec of a model name through
+``families.lookup``. ``TaskAdapter`` puts a spec into the engine.
 """
 
 from __future__ import annotations
@@ -24,37 +25,27 @@ import yaml
 from torch import nn
 
 from gpusq import distributed as D
-from gpusq import engine
-from gpusq.checkpoint import atomic_write, atomic_write_text, load_compressed, write_compressed
+from gpusq import engine, families
+from gpusq.checkpoint import atomic_write, atomic_write_text, load_compressed, load_state_file, write_compressed
 from gpusq.classes import check_classes, check_same_classes
 from gpusq.data import Batches
 from gpusq.distill import soft_loss
 from gpusq.engine import Step, device_of, seed_everything
-from gpusq.errors import GpusqError, close_matches
+from gpusq.errors import GpusqError
+from gpusq.families import TASKS, Family
 from gpusq.recipes import Recipe, StageConfig
 from gpusq.tasks.coco import CocoDetection, coco_folder, collate_list
 from gpusq.tasks.metrics import coco_map, detections_to_coco, evaluate_segmentation
-from gpusq.tasks.models import (
-    DETECTION_FEATURES,
-    DETECTION_INCLUDE,
-    DETECTION_MODELS,
-    SEGMENTATION_FEATURES,
-    SEGMENTATION_INCLUDE,
-    SEGMENTATION_MODELS,
-)
 from gpusq.tasks.segdata import SegmentationFolder
 
-TASKS = ("classification", "detection", "segmentation")
 CKPT_DIR = ".train"  # training checkpoints inside --out, removed when the run ends
 TASK_FORMAT = "task-1"
 
 
 def check_task(task: str) -> str:
     """A dense-prediction task name (classification is dispatched before this module is reached)."""
-    if task not in TASKS or task == "classification":
-        near = close_matches(task, TASKS)
-        raise GpusqError(f"unknown task {task!r}" + (f"; did you mean: {near}?" if near else "")
-                         + f" (known: {', '.join(TASKS)})")
+    if families.check_task(task) == "classification":
+        raise GpusqError(f"task 'classification' is not one of {', '.join(TASKS[1:])}: it runs through gpusq.pipeline")
     return task
 
 
@@ -109,7 +100,8 @@ def pad_collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class Task:
-    """What differs between model families of a task; the GPUSQ stages themselves are shared.
+    """How a model family trains for its task; the GPUSQ stages themselves are shared, and the model-side
+    facts (builders, compressed GEMMs, KD feature layers, what stays dense) are ``family``'s.
 
     KD protocol (``TaskAdapter``): ``losses(student, batch, run)`` calls ``run`` (the student, or its
     DDP wrapper; default the student) and returns the task (hard) losses; keys starting with ``_``
@@ -121,10 +113,7 @@ class Task:
     """
 
     name: str  # the task: detection | segmentation
-    family: str  # maskrcnn | detr | upernet
-    models: dict[str, Callable[..., nn.Module]]  # model name -> builder (random init)
-    include: tuple[str, ...]
-    features: str
+    family: Family  # gpusq.families.MASKRCNN | DETR | UPERNET
     load_data: Callable[[str], Any]
     collate: Callable
     to_device: Callable
@@ -135,12 +124,16 @@ class Task:
     check_kwargs: Callable  # (dataset, model kwargs) -> model kwargs
     summary: Callable  # metrics -> one line
     logit_kd: Callable | None = None  # (teacher, batch, captures, teacher_out, T) -> loss tensor
-    dense_layers: str = ""  # what stays dense, for the report
     metrics: tuple[str, ...] = ()  # validation metrics recorded after every epoch
     size: Callable[[Any], int] = lambda b: len(b[0])  # images in a batch
 
-    def create(self, name: str, **kwargs: Any) -> nn.Module:
-        return self.models[name](**kwargs)
+    @property
+    def include(self) -> tuple[str, ...]:
+        return self.family.include
+
+    @property
+    def features(self) -> str:
+        return self.family.features
 
 
 def _det_to(batch, device):
@@ -239,60 +232,47 @@ def _seg_eval(model: nn.Module, ds: SegmentationFolder, batch_size: int, device:
 
 
 MASKRCNN = Task(
-    name="detection", family="maskrcnn", models=DETECTION_MODELS, include=DETECTION_INCLUDE,
-    features=DETECTION_FEATURES, load_data=coco_folder, collate=collate_list, to_device=_det_to,
+    name="detection", family=families.MASKRCNN, load_data=coco_folder, collate=collate_list, to_device=_det_to,
     losses=_maskrcnn_losses, teacher_features=_maskrcnn_teacher, evaluate=_det_eval,
     data_info=lambda ds: {"label_to_cat": ds.label_to_cat, "classes": data_classes(ds)}, check_kwargs=_det_kwargs,
     summary=lambda m: f"bbox mAP {m['bbox_map']:.4f}  segm mAP {m['segm_map']:.4f}",
     logit_kd=_maskrcnn_logit_kd, metrics=("bbox_map", "segm_map"),
-    dense_layers="everything outside the backbone's transformer blocks (patch embedding, patch merging, "
-                 "FPN, RPN and RoI heads)",
 )
 UPERNET = Task(
-    name="segmentation", family="upernet", models=SEGMENTATION_MODELS, include=SEGMENTATION_INCLUDE,
-    features=SEGMENTATION_FEATURES, load_data=seg_dir, collate=pad_collate,
+    name="segmentation", family=families.UPERNET, load_data=seg_dir, collate=pad_collate,
     to_device=lambda b, d: (b[0].to(d), b[1].to(d)), losses=_seg_losses,
     teacher_features=lambda t, b: t(pixel_values=b[0]).logits, evaluate=_seg_eval,
     data_info=lambda ds: {"classes": ds.classes} if ds.classes is not None else {},
     check_kwargs=_seg_kwargs, summary=lambda m: f"mIoU {m['miou']:.4f}  pixel acc {m['pixel_acc']:.4f}",
     logit_kd=_seg_logit_kd, metrics=("miou", "pixel_acc"),
-    dense_layers="everything outside the backbone's transformer blocks (patch embedding, patch merging, "
-                 "UPerNet decode and auxiliary heads)",
 )
+
 
 def _detr_spec() -> Task:
     """DETR / Deformable-DETR (``gpusq.tasks.detr``): encoder/decoder linears, matched-query logit KD."""
     from gpusq.tasks import detr
 
     return Task(
-        name="detection", family="detr", models=detr.DETR_MODELS, include=detr.DETR_INCLUDE,
-        features=detr.DETR_FEATURES, load_data=detr.load_coco, collate=detr.collate, to_device=detr.to_device,
+        name="detection", family=families.DETR, load_data=detr.load_coco, collate=detr.collate,
+        to_device=detr.to_device,
         losses=detr.losses, teacher_features=detr.teacher_features, evaluate=detr.evaluate,
         data_info=lambda ds: {"label_to_cat": ds.label_to_cat, "classes": data_classes(ds)},
         check_kwargs=detr.check_kwargs,
         summary=lambda m: f"bbox mAP {m['bbox_map']:.4f}", logit_kd=detr.logit_kd, metrics=("bbox_map",),
         size=lambda b: len(b["labels"]),
-        dense_layers="the ResNet backbone, input projection, query embeddings and the class / box heads",
     )
 
 
 DETR = _detr_spec()
-FAMILIES: list[Task] = [MASKRCNN, UPERNET, DETR]
-
-
+SPECS: dict[str, Task] = {t.family.name: t for t in (MASKRCNN, DETR, UPERNET)}  # family name -> its spec
 
 
 def task_spec(task: str, model: str) -> Task:
-    """The family spec that builds ``model`` for ``task``; one-line error naming the known models."""
-    check_task(task)
-    specs = [f for f in FAMILIES if f.name == task]
-    for f in specs:
-        if model in f.models:
-            return f
-    known = [m for f in specs for m in f.models]
-    near = close_matches(model, known)
-    raise GpusqError(f"unknown {task} model {model!r}" + (f"; did you mean: {near}?" if near else "")
-                     + f" (known: {', '.join(known)})")
+    """The spec of the family that builds ``model`` for ``task``; one-line error naming the known models."""
+    fam = families.lookup(model, check_task(task))
+    if fam.name not in SPECS:
+        raise GpusqError(f"{model} ({fam.name} family) cannot be trained for {task} yet: it has no task adapter")
+    return SPECS[fam.name]
 
 
 # -- train / eval ----------------------------------------------------------------------------------
@@ -326,7 +306,7 @@ def load_task_dir(path: str | Path, task: str, device: torch.device | None = Non
     info = yaml.safe_load(info_file.read_text()) or {}
     if info.get("task") != task:
         raise GpusqError(f"{info_file} is for task {info.get('task')!r}, not {task}")
-    model = task_spec(task, info["model"]).create(info["model"], **info.get("model_kwargs", {}))
+    model = task_spec(task, info["model"]).family.build(info["model"], **info.get("model_kwargs", {}))
     if info.get("compressed"):
         model, _, _ = load_compressed(d, model=model)
     else:
@@ -362,7 +342,7 @@ def train_dense_task(task: str, model_name: str, model_kwargs: dict[str, Any], d
     names = _check_data_classes(ds, val, data, val_data)
     kw = t.check_kwargs(ds, model_kwargs)
     seed_everything(seed)
-    model = t.create(model_name, **kw).to(device)
+    model = t.family.build(model_name, **kw).to(device)
     D.broadcast_module_(model)  # identical initial weights on every rank
     cfg = cfg or StageConfig(epochs=10, lr=1e-3)
     _check_stage(cfg, "label_smoothing")
@@ -397,8 +377,6 @@ def load_teacher(task: str, teacher: str | Path, data: str, model: str | None = 
     (``.safetensors`` / ``.pt`` / ``.pth`` state dict) of the model named ``model``.
 
     Returns (teacher, its task info, its family spec, ``data`` loaded by that family's loader)."""
-    from gpusq.models import load_state_file
-
     p = Path(teacher)
     if p.is_dir():
         m, info = load_task_dir(p, task, device)
@@ -415,7 +393,7 @@ def load_teacher(task: str, teacher: str | Path, data: str, model: str | None = 
     t = task_spec(task, model)
     data_ds = t.load_data(data)
     kw = t.check_kwargs(data_ds, model_kwargs or {})
-    m = t.create(model, **kw)
+    m = t.family.build(model, **kw)
     state = load_state_file(p)
     own = m.state_dict()
     missing = [k for k in own if k not in state]
@@ -469,7 +447,7 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     D.broadcast_module_(teacher)  # replicated teacher: identical on every rank, so are the masks
-    header = {"task": task, "model": info["model"], "family": t.family}
+    header = {"task": task, "model": info["model"], "family": t.family.name}
     return engine.compress(adapter, teacher, recipe, out, task_batches(t, ds, bs, seed), device=device,
                            model_name=info["model"], model_kwargs=info["model_kwargs"], classes=names,
                            report=header, seed=seed, batch_size=batch_size, resume=resume, progress=progress,
@@ -575,12 +553,13 @@ class TaskAdapter:
     def write(self, out: Path, report: dict[str, Any], stored: nn.Module, state: dict, meta: dict,
               recipe: Recipe) -> None:
         c = recipe.distill
+        logit = LOGIT_KD_DOC.get(self.t.family.name, "none") if c.beta > 0 else "off (distill.beta = 0)"
         hist = report["history"]
         last = lambda h: h[-1].get("losses", {}) if h else {}  # noqa: E731
         report.update({
-            "skipped_layers": report.get("layers_skipped", {}), "dense_layers": self.t.dense_layers,
+            "skipped_layers": report.get("layers_skipped", {}), "dense_layers": self.t.family.dense_layers,
             "distill": {"hard": "the model's task losses", "feature_layers": report["feature_layers"],
-                        "logit": (LOGIT_KD_DOC.get(self.t.family, "none") if c.beta > 0 else "off (distill.beta = 0)"),
+                        "logit": logit,
                         "alpha": c.alpha, "beta": c.beta, "gamma": c.gamma, "temperature": c.temperature},
             "stage1_losses": last(hist["stage1"]), "stage2_losses": last(hist["stage2"]),
         })
