@@ -268,7 +268,8 @@ def main() -> None:
     ap.add_argument("--teacher-batch-size", type=int, default=512)
     ap.add_argument("--teacher-compile", action="store_true", help="torch.compile the teacher's training")
     ap.add_argument("--teacher-augment", choices=sorted(TEACHER_AUGMENT), default="none",
-                    help="the teacher's augmentation: none (pad-crop + flip), mix (Mixup 0.8, CutMix 1.0, erasing 0.25) or deit (RandAugment m9, Mixup 0.8, "
+                    help="the teacher's augmentation: none (pad-crop + flip), mix (Mixup 0.8, CutMix 1.0, "
+                         "erasing 0.25) or deit (RandAugment m9, Mixup 0.8, "
                          "CutMix 1.0, random erasing 0.25; label smoothing 0.1 as always)")
     ap.add_argument("--teacher-set", action="append", default=[], metavar="augment.FIELD=VALUE",
                     help="one augmentation field of the teacher over --teacher-augment (repeatable)")
