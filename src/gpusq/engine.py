@@ -439,9 +439,11 @@ def compress(adapter: Adapter, teacher: nn.Module, recipe: Recipe, out: Path, tr
              device: torch.device, model_name: str | None, model_kwargs: dict, classes: list[str] | None,
              report: dict[str, Any], seed: int = 0, batch_size: int | None = None, resume: bool = False,
              progress: bool = True, ckpt_every: int = 0, ckpt_dir: str = "checkpoints",
-             stage1_from: str | Path | None = None, compile: bool = False, epoch_eval: bool = True) -> dict:
+             stage1_from: str | Path | None = None, compile: bool = False, epoch_eval: bool = True,
+             calib_batches: Any = None) -> dict:
     """GPUSQ stages 1 and 2 on the dense ``teacher`` (already on ``device``, identical on every rank);
     rank 0 writes the output through ``adapter.write``. ``report``: the task's header fields.
+    ``calib_batches``: where calibration and importance batches come from (default ``train_batches``).
 
     ``stage1_from``: reuse the stage-1 result of an earlier run (its ``out/stage1`` directory) and
     go straight to stage 2; a resumed run whose stage 1 had finished does the same with its own.
@@ -458,6 +460,7 @@ def compress(adapter: Adapter, teacher: nn.Module, recipe: Recipe, out: Path, tr
     ck = out / ckpt_dir
     ck.mkdir(parents=True, exist_ok=True)
     main = D.is_main()
+    calib_src = train_batches if calib_batches is None else calib_batches
 
     # stage 1: 2:4 prune + KD fine-tune from the dense teacher (features unweighted)
     student = copy.deepcopy(teacher).train()
@@ -474,7 +477,7 @@ def compress(adapter: Adapter, teacher: nn.Module, recipe: Recipe, out: Path, tr
         """The sparse student's per-layer feature damage (distortion, feature MSE), averaged over ranks."""
         if not names:
             return {}, {}
-        imp = sample_batches(adapter, train_batches, recipe.train.importance_batches, device)
+        imp = sample_batches(adapter, calib_src, recipe.train.importance_batches, device)
         distortion, mse = kd.measure(imp, adapter.infer)
         return D.mean_dict(distortion), D.mean_dict(mse)
 
@@ -535,7 +538,7 @@ def compress(adapter: Adapter, teacher: nn.Module, recipe: Recipe, out: Path, tr
         teacher2 = copy.deepcopy(student).eval().requires_grad_(False)
         if not quantize_(student, recipe.quant):
             raise GpusqError("no layer to compress: no GEMM layer of the model can be quantized")
-        calib = sample_batches(adapter, train_batches, recipe.train.calib_batches, device)
+        calib = sample_batches(adapter, calib_src, recipe.train.calib_batches, device)
         calibrate(student, lambda m: [adapter.infer(m, b) for b in calib])
         report["calibrated_metrics"] = ev(student)
         with task_distiller(adapter, student, teacher2, recipe.distill, names, weights) as kd2:
