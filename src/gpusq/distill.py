@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpusq.errors import GpusqError, close_matches
+
 # Transformer blocks in timm ViT/DeiT ("blocks.3") and Swin ("layers.1.blocks.0").
 DEFAULT_FEATURE_PATTERN = r"(^|\.)blocks\.\d+$"
 IMPORTANCE_MODES = ("relative", "paper")
@@ -256,6 +258,14 @@ def balance(config: DistillConfig, parts: Mapping[str, torch.Tensor]) -> torch.T
     return total
 
 
+def _check_layers(model: nn.Module, wanted: list[str], who: str) -> None:
+    names = [n for n, _ in model.named_modules()]
+    for name in set(wanted) - set(names):
+        near = close_matches(name, names)
+        raise GpusqError(f"Distiller criterion: the {who} has no layer {name!r}"
+                         + (f" (close matches: {near})" if near else ""))
+
+
 class Distiller:
     """GPUSQ's knowledge distillation for one student/teacher pair, in the engine or in your own loop.
 
@@ -302,9 +312,8 @@ class Distiller:
         if not isinstance(criterion, Mapping):
             criterion = {(n, n): feature_loss for n in criterion}
         self.criterion: dict[tuple[str, str], LossFn] = dict(criterion)
-        for s, t in self.criterion:  # a wrong name fails here, not at the first forward
-            student.get_submodule(s)
-            teacher.get_submodule(t)
+        _check_layers(student, [s for s, _ in self.criterion], "student")  # here, not at the first forward
+        _check_layers(teacher, [t for _, t in self.criterion], "teacher")
         self.weights: dict[str, float] = dict(weights or {})
         self.logit_kd = logit_kd
         self.balancer = balancer
@@ -343,6 +352,9 @@ class Distiller:
         ``hard``, and ``soft`` / ``feat`` when those terms are on."""
         c = self.config
         parts: dict[str, torch.Tensor] = {"hard": hard}
+        if c.beta > 0 and self.logit_kd is soft_loss and (student_out is None or teacher_out is None):
+            raise GpusqError("Distiller.loss: beta > 0 needs both models' logits: loss(hard, logits, "
+                             "teacher_logits) (or beta=0 for feature KD alone)")
         if c.beta > 0 and self.logit_kd is not None:
             soft = self.logit_kd(student_out, teacher_out, c.temperature)
             if soft is not None:  # a task without a logit-KD term returns None
