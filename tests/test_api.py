@@ -114,6 +114,11 @@ def test_out_is_refused_unless_new_resumed_or_overwritten(teacher, tmp_path):
         _compress(teacher, done, overwrite=True, resume=True)
     with pytest.raises(GpusqError, match="nothing to resume: no checkpoint"):
         _compress(teacher, tmp_path / "new", resume=True)
+    theirs = tmp_path / "theirs"  # overwrite keeps your files, and never writes over one of them
+    theirs.mkdir()
+    (theirs / "report.json").write_text("{}")
+    with pytest.raises(GpusqError, match=r"out .*theirs holds report.json, not written by gpusq"):
+        _compress(teacher, theirs, overwrite=True)
 
 
 def _crash_at_save(monkeypatch, n: int) -> None:
@@ -162,3 +167,74 @@ def test_resume_from_a_shuffling_dataloader_is_exact(teacher, tmp_path, monkeypa
         _compress(teacher, out, over=over, ckpt_every=3, resume=True)
         b = _tensors(out)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"crash {crash}"
+
+
+SHARDED = '''
+import os, sys
+import timm, torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+import gpusq
+from gpusq.errors import GpusqError
+
+def data(n, seed):
+    g = torch.Generator().manual_seed(0)
+    patterns = torch.randn(10, 3, 16, 16, generator=g)
+    g.manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return TensorDataset(patterns[y] + 0.5 * torch.randn(n, 3, 16, 16, generator=g), y)
+
+out, world = sys.argv[1], int(os.environ.get("WORLD_SIZE", "1"))
+torch.manual_seed(0)
+teacher = timm.create_model("deit_tiny_patch16_224", **%r)
+recipe = gpusq.load_recipe("int8", %r)
+tr, va, cpu = data(64, 1), data(32, 2), torch.device("cpu")
+if world == 1:
+    train, val = DataLoader(tr, batch_size=16), DataLoader(va, batch_size=16)
+else:  # the user shards: rank r takes samples r, r + 2, ... (a global batch of 16 is the 1-process batch)
+    rank = int(os.environ["RANK"])
+    try:  # ranks with different numbers of batches: refused on every rank, before out is touched
+        gpusq.compress(teacher, recipe, train=DataLoader(tr, batch_size=8 * (rank + 1)), val=va, out=out, device=cpu)
+    except GpusqError as e:
+        print(f"REFUSED {e}", flush=True)
+    train = DataLoader(tr, batch_size=8, sampler=DistributedSampler(tr, shuffle=False))
+    val = DataLoader(va, batch_size=16, sampler=DistributedSampler(va, shuffle=False))
+gpusq.compress(teacher, recipe, train=train, val=val, out=out, device=cpu, progress=False)
+'''
+
+
+def test_torchrun_with_user_sharded_loaders_matches_one_process(tmp_path):
+    """2 gloo processes, each with its DistributedSampler shard, train what 1 process trains on the whole
+    batches (same masks, calibration, metrics; weights up to float summation order)."""
+    import os
+    import subprocess
+    import sys
+
+    from gpusq.checkpoint import read_compressed_dir
+
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED % (dict(TINY_KW), FAST))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "c1")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                          str(script), str(tmp_path / "c2")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("under torchrun every rank's train= must have the same number of batches") == 2
+    r1, r2 = (json.loads((tmp_path / c / "report.json").read_text()) for c in ("c1", "c2"))
+    assert r1["processes"] == 1 and r2["processes"] == 2
+    assert r1["teacher_metrics"] == pytest.approx(r2["teacher_metrics"])  # val shards summed: all 32 once
+    assert [h["step"] for h in r1["history"]["stage1"]] == [h["step"] for h in r2["history"]["stage1"]] == [4]
+    for stage, rel in (("stage1", 1e-5), ("stage2", 1e-4)):  # stage 2: importance = mean of the ranks' ratios
+        assert r2["history"][stage][0]["train_loss"] == pytest.approx(r1["history"][stage][0]["train_loss"], rel=rel)
+    assert r2["layer_weights"] == pytest.approx(r1["layer_weights"], rel=1e-4)
+    assert r2["metrics"]["loss"] == pytest.approx(r1["metrics"]["loss"], rel=1e-3)
+    w1, w2 = (read_compressed_dir(tmp_path / c)[0] for c in ("c1", "c2"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        if k.endswith("weight_mask"):
+            assert torch.equal(w1[k], w2[k]), k
+        elif k.endswith("input_scale"):  # calibrated on the same images, then learned (LSQ) in 4 steps
+            assert torch.allclose(w1[k], w2[k], rtol=0.1), k
+        elif w1[k].dtype.is_floating_point:
+            assert torch.allclose(w1[k].float(), w2[k].float(), atol=2e-2), k

@@ -291,7 +291,7 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
     augmentation (default: gpusq's standard crop + flip)."""
     out = Path(out)
     _prepare_out(out, resume)
-    device = device or device_of(None)
+    device = _run_device(device)
     seed_everything(data.seed)
     if net is None:
         net, model, model_kwargs = resolve_model(model, model_kwargs, init)
@@ -387,7 +387,7 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions | None = None
             raise GpusqError(f"augment.{changed[0]} is applied by gpusq's image loader; with train= your loader's "
                              "transforms augment (remove it from the recipe)")
     seed = data.seed if data is not None else (seed or 0)
-    device = device or device_of(None)  # under torchrun: joins the process group (rank, world)
+    device = _run_device(device)
     if teacher_classes is None:
         teacher_classes = getattr(teacher, "gpusq_classes", None)
     head = head_size(teacher)
@@ -436,6 +436,14 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions | None = None
                            batch_size=batch_size, resume=resume, progress=progress, ckpt_every=ckpt_every,
                            stage1_from=stage1_from, compile=compile, epoch_eval=epoch_eval,
                            calib_batches=calib_batches)
+
+
+def _run_device(device: torch.device | None) -> torch.device:
+    """The run's device; under torchrun this rank joins the process group (and takes its GPU) even when
+    the caller names the device."""
+    if device is None:
+        return device_of(None)
+    return D.init_from_env(device.type) or device
 
 
 def _open_out(out: Path, resume: bool, overwrite: bool) -> Path:
