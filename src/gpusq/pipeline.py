@@ -329,9 +329,6 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
 
 
 # -- compression --------------------------------------------------------------------------------
-PER_IMAGE_AUGMENT = ("hflip", "auto_augment", "color_jitter")  # gpusq's image loader's: not on a user's loader
-
-
 def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions | None = None, out: str | Path | None = None, *,
              train: Iterable | None = None, val: Iterable | None = None, calib: Iterable | None = None,
              seed: int | None = None, model_name: str | None = None, model_kwargs: dict | None = None,
@@ -367,33 +364,17 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions | None = None
     ``epoch_eval=False``: no validation pass after every epoch (the history has training metrics
     only; the stage and final metrics are measured as always), for sweeps of many short runs.
     """
-    if out is None:
-        raise GpusqError("compress needs out=DIR (a new or empty directory)")
-    if (data is None) == (train is None):
-        raise GpusqError("compress takes its data one way: data=DataOptions(PATH) or train=/val= (your loaders)"
-                         + (", not both" if data is not None else ""))
-    if data is not None and not isinstance(data, DataOptions):
-        raise GpusqError(f"data= takes DataOptions(PATH, ...), got {type(data).__name__}; pass your own loader "
-                         "as train= (and val=)")
-    if data is not None and (val is not None or calib is not None):
-        raise GpusqError("val= / calib= go with train=; DataOptions reads the val split of its own data")
-    if data is not None and seed is not None and seed != data.seed:
-        raise GpusqError(f"seed={seed} but DataOptions(seed={data.seed}); set the seed in DataOptions")
-    if train is not None and val is None:
-        raise GpusqError("train= needs val= too: the teacher, each stage and the output are evaluated on it")
+    _check_data_args(data, out, train, val, calib, seed)
     if train is not None:
-        changed = [k for k in PER_IMAGE_AUGMENT if getattr(recipe.augment, k) != getattr(AugmentConfig(), k)]
-        if changed:
-            raise GpusqError(f"augment.{changed[0]} is applied by gpusq's image loader; with train= your loader's "
-                             "transforms augment (remove it from the recipe)")
+        from gpusq.userdata import UserBatches, check_recipe_for_loaders
+
+        check_recipe_for_loaders(recipe)
     seed = data.seed if data is not None else (seed or 0)
     device = _run_device(device)
     if teacher_classes is None:
         teacher_classes = getattr(teacher, "gpusq_classes", None)
     head = head_size(teacher)
     if train is not None:  # the loaders are checked before out is touched (their batches as they come)
-        from gpusq.userdata import UserBatches
-
         train_batches = UserBatches(train, "train", head, seed=seed)
         val_batches = UserBatches(val, "val", head, seed=seed, need_len=False)
         calib_batches = None if calib is None else UserBatches(calib, "calib", head, seed=seed, need_len=False)
@@ -436,6 +417,26 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions | None = None
                            batch_size=batch_size, resume=resume, progress=progress, ckpt_every=ckpt_every,
                            stage1_from=stage1_from, compile=compile, epoch_eval=epoch_eval,
                            calib_batches=calib_batches)
+
+
+def _check_data_args(data: DataOptions | None, out: str | Path | None, train: Iterable | None,
+                     val: Iterable | None, calib: Iterable | None, seed: int | None) -> None:
+    """The data given one way, with what goes with it: one-line errors before any work."""
+    if out is None:
+        raise GpusqError("compress needs out=DIR (a new or empty directory)")
+    if (data is None) == (train is None):
+        raise GpusqError("compress takes its data one way: data=DataOptions(PATH) or train=/val= (your loaders)"
+                         + (", not both" if data is not None else ""))
+    if data is not None:
+        if not isinstance(data, DataOptions):
+            raise GpusqError(f"data= takes DataOptions(PATH, ...), got {type(data).__name__}; pass your own "
+                             "loader as train= (and val=)")
+        if val is not None or calib is not None:
+            raise GpusqError("val= / calib= go with train=; DataOptions reads the val split of its own data")
+        if seed is not None and seed != data.seed:
+            raise GpusqError(f"seed={seed} but DataOptions(seed={data.seed}); set the seed in DataOptions")
+    elif val is None:
+        raise GpusqError("train= needs val= too: the teacher, each stage and the output are evaluated on it")
 
 
 def _run_device(device: torch.device | None) -> torch.device:

@@ -32,12 +32,28 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gpusq import distributed as D
 from gpusq.errors import GpusqError
+
+if TYPE_CHECKING:
+    from gpusq.recipes import Recipe
+
+PER_IMAGE_AUGMENT = ("hflip", "auto_augment", "color_jitter")  # gpusq's image loader's, not a user loader's
+
+
+def check_recipe_for_loaders(recipe: Recipe) -> None:
+    """A one-line error for a recipe field a user's loader cannot take (the per-image augmentation)."""
+    from gpusq.augment import AugmentConfig
+
+    default = AugmentConfig()
+    changed = [k for k in PER_IMAGE_AUGMENT if getattr(recipe.augment, k) != getattr(default, k)]
+    if changed:
+        raise GpusqError(f"augment.{changed[0]} is applied by gpusq's image loader; with train= your loader's "
+                         "transforms augment (remove it from the recipe)")
 
 
 def _describe(src: Any) -> str:
