@@ -114,3 +114,104 @@ def test_feature_errors_are_the_stage1_feature_loss_per_layer():
     assert mse == pytest.approx(expect, rel=1e-5)
     energy = {n: mse[n] / rel[n] for n in names}  # mean squared teacher activation per layer
     assert energy["blocks.1"] != pytest.approx(energy["blocks.0"], rel=1e-3)  # so the two weightings differ
+
+
+# -- Distiller: the reusable KD object ---------------------------------------------------------------
+def _pair():
+    import copy
+
+    torch.manual_seed(0)
+    teacher = tiny_vit().eval()
+    student = copy.deepcopy(teacher)
+    sparsify_(student)
+    return student.train(), teacher
+
+
+def _hooks(model):
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_distiller_loss_is_the_functional_loss_bit_for_bit():
+    """Hooks, logit KD and weighted features give exactly ``kd_total`` on the same captures."""
+    from gpusq.distill import Distiller, kd_total
+
+    student, teacher = _pair()
+    cfg = DistillConfig(temperature=2.0, beta=3.0)
+    w = {"blocks.0": 0.5, "blocks.1": 1.5}
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    kd = Distiller(student, teacher, cfg, weights=w)
+    assert kd.pairs == [("blocks.0", "blocks.0"), ("blocks.1", "blocks.1")] and kd.needs_teacher
+    t_logits = kd.teacher_forward(x)
+    logits = student(x)
+    hard = torch.nn.functional.cross_entropy(logits, y)
+    with FeatureHooks(teacher, ["blocks.0", "blocks.1"]) as ht, FeatureHooks(student, ["blocks.0", "blocks.1"]) as hs:
+        teacher(x)
+        student(x)
+        expect, expect_parts = kd_total(cfg, hard, soft_loss(logits, t_logits, 2.0), hs.features, ht.features,
+                                        ["blocks.0", "blocks.1"], w)
+    total, parts = kd.loss(hard, logits, t_logits)
+    assert torch.equal(total, expect) and parts.keys() == expect_parts.keys() == {"hard", "soft", "feat"}
+    assert all(torch.equal(parts[k], expect_parts[k]) for k in parts)
+    total.backward()  # the features keep their graph until the loss is built
+    assert student.blocks[0].mlp.fc1.weight.grad is not None
+    kd.close()
+    assert _hooks(student) == _hooks(teacher) == 0
+
+
+def test_distiller_in_a_user_training_loop():
+    """The docstring's example: a few steps of a plain loop, then the importance for the next stage."""
+    import torch.nn.functional as F
+
+    from gpusq.distill import Distiller
+
+    student, teacher = _pair()
+    g = torch.Generator().manual_seed(1)
+    loader = [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    kd = Distiller(student, teacher, DistillConfig(beta=10, gamma=5))
+    with kd:
+        for x, y in loader:
+            t_logits = kd.teacher_forward(x)
+            logits = student(x)
+            loss, parts = kd.loss(F.cross_entropy(logits, y), logits, t_logits)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert set(parts) == {"hard", "soft", "feat"} and torch.isfinite(loss)
+        distortion, mse = kd.measure([x for x, _ in loader])
+    assert _hooks(student) == 0 and not any(p.requires_grad for p in teacher.parameters())
+    weights = kd.importance(distortion, mse)
+    assert set(weights) == {"blocks.0", "blocks.1"} and sum(weights.values()) == pytest.approx(2)
+    assert weights == pytest.approx(layer_weights_from_distortion(distortion))
+    paper = Distiller(student, teacher, DistillConfig(importance="paper"))
+    assert paper.importance(distortion, mse) == pytest.approx(layer_weights_from_distortion(mse))
+    paper.close()
+
+
+def test_distiller_criterion_pairs_other_layers_and_balancer():
+    """ModelOpt-style criterion: any (student layer, teacher layer) pair with its own loss; a custom
+    balancer gets the parts; feature hooks only when gamma > 0; a wrong layer name is one line."""
+    from gpusq.distill import Distiller, feature_loss
+    from gpusq.errors import GpusqError
+
+    student, teacher = _pair()
+    x = torch.randn(2, 3, 16, 16)
+    l1 = lambda s, t: (s.float() - t.float()).abs().mean()  # noqa: E731
+    kd = Distiller(student, teacher, DistillConfig(beta=0), criterion={("blocks.1", "blocks.0"): l1},
+                   balancer=lambda parts: parts["hard"] + 2 * parts["feat"])
+    assert _hooks(student) == 1 and _hooks(teacher) == 1
+    with FeatureHooks(teacher, ["blocks.0"]) as ht, FeatureHooks(student, ["blocks.1"]) as hs:
+        kd.teacher_forward(x)
+        student(x)
+        total, parts = kd.loss(torch.tensor(1.0))
+        assert torch.equal(parts["feat"], l1(hs.features["blocks.1"], ht.features["blocks.0"]))
+    assert "soft" not in parts and torch.equal(total, 1 + 2 * parts["feat"])
+    kd.close()
+    off = Distiller(student, teacher, DistillConfig(beta=0, gamma=0))
+    assert off.pairs == [("blocks.0", "blocks.0"), ("blocks.1", "blocks.1")]  # still measured for importance
+    assert _hooks(student) == 0 and not off.needs_teacher and not off.distils_features
+    assert set(off.measure([x])[0]) == {"blocks.0", "blocks.1"}
+    with pytest.raises(GpusqError, match=r"the teacher has no layer 'blocks\.7' \(close matches: blocks\.1, blocks\.0"):
+        Distiller(student, teacher, criterion={("blocks.0", "blocks.7"): feature_loss})
+    with pytest.raises(GpusqError, match="beta > 0 needs both models' logits"):
+        Distiller(student, teacher, DistillConfig(gamma=0)).loss(torch.tensor(1.0))

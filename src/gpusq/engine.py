@@ -15,7 +15,8 @@ atomically (one safetensors file: tensors + a JSON state in its metadata; no pic
 
 What differs between tasks is an ``Adapter`` (``gpusq.pipeline.ClassificationAdapter``,
 ``gpusq.tasks.pipeline.TaskAdapter``): batch transfer, forward + hard loss, the logit-KD term,
-the teacher's forward, evaluation, where its KD features are and how it writes its output.
+the teacher's forward, evaluation, where its KD features are and how it writes its output. The KD
+itself (hooks, terms, per-layer weights, importance measurement) is a ``gpusq.distill.Distiller``.
 """
 
 from __future__ import annotations
@@ -39,13 +40,7 @@ from tqdm.auto import tqdm
 
 from gpusq import distributed as D
 from gpusq.checkpoint import atomic_write, atomic_write_text, build_compressed, read_compressed_dir, save_compressed
-from gpusq.distill import (
-    DistillConfig,
-    feature_layers,
-    kd_total,
-    layer_weights,
-    measure_feature_errors,
-)
+from gpusq.distill import DistillConfig, Distiller, feature_layers, layer_weights
 from gpusq.errors import GpusqError, InternalError
 from gpusq.recipes import Recipe, StageConfig
 from gpusq.sparsity import SparsityConfig, check_2to4, sparsify_
@@ -235,10 +230,7 @@ def train_stage(
     device: torch.device,
     *,
     adapter: Adapter,
-    teacher: nn.Module | None = None,
-    distill: DistillConfig | None = None,
-    weights: dict[str, float] | None = None,
-    feature_names: list[str] | None = None,
+    distiller: Distiller | None = None,
     ckpt_path: Path | None = None,
     ckpt_every: int = 0,
     resume: bool = False,
@@ -250,8 +242,8 @@ def train_stage(
 ) -> StageResult:
     """Train ``student`` for ``stage_steps(cfg, ...)`` steps (``cfg.epochs``, at least ``cfg.min_steps``).
 
-    Loss: the adapter's hard loss; with a teacher and ``distill``, ``distill.alpha`` times it plus the
-    logit-KD and (per-layer ``weights``) feature-KD terms (``gpusq.distill.kd_total``).
+    Loss: the adapter's hard loss; with a ``distiller`` (``task_distiller``: its teacher, layers and
+    weights), the distiller's total of it and the logit- and feature-KD terms.
     ``ckpt_path`` (``ckpt_every`` steps, and every epoch end) makes the stage resumable exactly:
     model, optimizer, step, RNG and sampler position are restored with ``resume``.
     """
@@ -294,13 +286,8 @@ def train_stage(
     ddp_model = D.wrap_ddp(student, device, find_unused=adapter.find_unused)  # None unless under torchrun
     run_model = ddp_model or student
     shard = (train_batches.rank, train_batches.world)
-    if teacher is not None:
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    kd = distill if teacher is not None else None
-    names = (feature_names or []) if (kd is not None and kd.gamma > 0) else []
-    hs = FeatureHooksPair(student, teacher, names)
+    kd = distiller
+    teacher = kd.teacher if kd is not None else None
 
     def save(step_now: int, epoch_acc: tuple = (0, 0, 0.0, {})) -> None:
         if ckpt_path is None or not D.is_main():  # ranks hold identical state: rank 0 writes
@@ -343,13 +330,12 @@ def train_stage(
                 batch = adapter.prepare(raw, device, train=True, generator=aug, shard=shard, step=step)
                 with autocast(device):
                     t_out = None
-                    if kd is not None and (kd.beta > 0 or names):
+                    if kd is not None and kd.needs_teacher:
                         with torch.no_grad():
                             t_out = adapter.teacher_forward(t_model, batch)
                     out = adapter.forward(student, run_model, batch, cfg.label_smoothing)
-                    if kd is not None:
-                        soft = adapter.logit_kd(teacher, batch, out, t_out, kd.temperature) if kd.beta > 0 else None
-                        loss, parts = kd_total(kd, out.loss, soft, hs.student, hs.teacher, names, weights)
+                    if kd is not None:  # the task's logit KD sees the batch and the step (task_distiller)
+                        loss, parts = kd.loss(out.loss, (batch, out), t_out)
                     else:
                         loss, parts = out.loss, {}
                 if not D.all_finite(bool(torch.isfinite(loss))):  # every rank stops together
@@ -400,7 +386,6 @@ def train_stage(
             save(step)
     finally:
         bar.close()
-        hs.remove()
     # DDP keeps parameters equal; buffers (BatchNorm running statistics) drift apart per rank: rank 0's,
     # the ones it saves, go to every rank, so calibration and evaluation see the model that is written
     D.broadcast_module_(student)
@@ -409,27 +394,14 @@ def train_stage(
     return result
 
 
-class FeatureHooksPair:
-    """Forward hooks on the same named layers of student and teacher (none when ``names`` is empty)."""
+def task_distiller(adapter: Adapter, student: nn.Module, teacher: nn.Module, config: DistillConfig,
+                   layers: list[str], weights: dict[str, float] | None = None) -> Distiller:
+    """A ``Distiller`` whose logit-KD term is the task's (``adapter.logit_kd``): ``train_stage`` hands it
+    ``(batch, step)`` as the student's output and the teacher's forward as the teacher's."""
+    def logit_kd(s: tuple[Any, Step], t_out: Any, temperature: float) -> torch.Tensor | None:
+        return adapter.logit_kd(teacher, s[0], s[1], t_out, temperature)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, names: list[str]):
-        from gpusq.distill import FeatureHooks
-
-        self._s = FeatureHooks(student, names) if names else None
-        self._t = FeatureHooks(teacher, names) if (names and teacher is not None) else None
-
-    @property
-    def student(self) -> dict[str, torch.Tensor] | None:
-        return self._s.features if self._s else None
-
-    @property
-    def teacher(self) -> dict[str, torch.Tensor] | None:
-        return self._t.features if self._t else None
-
-    def remove(self) -> None:
-        for h in (self._s, self._t):
-            if h is not None:
-                h.remove()
+    return Distiller(student, teacher, config, criterion=layers, weights=weights, logit_kd=logit_kd)
 
 
 def sample_batches(adapter: Adapter, batches: Any, n: int, device: torch.device) -> list[Any]:
@@ -467,9 +439,11 @@ def compress(adapter: Adapter, teacher: nn.Module, recipe: Recipe, out: Path, tr
              device: torch.device, model_name: str | None, model_kwargs: dict, classes: list[str] | None,
              report: dict[str, Any], seed: int = 0, batch_size: int | None = None, resume: bool = False,
              progress: bool = True, ckpt_every: int = 0, ckpt_dir: str = "checkpoints",
-             stage1_from: str | Path | None = None, compile: bool = False, epoch_eval: bool = True) -> dict:
+             stage1_from: str | Path | None = None, compile: bool = False, epoch_eval: bool = True,
+             calib_batches: Any = None) -> dict:
     """GPUSQ stages 1 and 2 on the dense ``teacher`` (already on ``device``, identical on every rank);
     rank 0 writes the output through ``adapter.write``. ``report``: the task's header fields.
+    ``calib_batches``: where calibration and importance batches come from (default ``train_batches``).
 
     ``stage1_from``: reuse the stage-1 result of an earlier run (its ``out/stage1`` directory) and
     go straight to stage 2; a resumed run whose stage 1 had finished does the same with its own.
@@ -480,12 +454,13 @@ def compress(adapter: Adapter, teacher: nn.Module, recipe: Recipe, out: Path, tr
                      distill=feature_pattern(adapter, recipe.distill))
     teacher.eval().requires_grad_(False)
     names = feature_layers(teacher, recipe.distill.features)  # stage-1 damage is measured on these
-    feats = names if recipe.distill.gamma > 0 else []  # and distilled when features are weighted in
+    feats = names if recipe.distill.gamma > 0 else []  # and distilled when features are weighted in (Distiller)
     ev = adapter.evaluate
     report = {**report, "recipe": recipe.name, "teacher_metrics": ev(teacher)}
     ck = out / ckpt_dir
     ck.mkdir(parents=True, exist_ok=True)
     main = D.is_main()
+    calib_src = train_batches if calib_batches is None else calib_batches
 
     # stage 1: 2:4 prune + KD fine-tune from the dense teacher (features unweighted)
     student = copy.deepcopy(teacher).train()
@@ -494,12 +469,16 @@ def compress(adapter: Adapter, teacher: nn.Module, recipe: Recipe, out: Path, tr
     if stage1_from is None and resume and (stage1_dir / "stage1.json").is_file():
         stage1_from = stage1_dir  # stage 1 finished before the interruption
 
-    def feature_errors() -> tuple[dict[str, float], dict[str, float]]:
+    def stage1_distiller() -> Distiller:
+        """KD from the dense teacher; no importance weights yet (uniform). Built on the sparse student."""
+        return task_distiller(adapter, student, teacher, recipe.distill, names)
+
+    def feature_errors(kd: Distiller) -> tuple[dict[str, float], dict[str, float]]:
         """The sparse student's per-layer feature damage (distortion, feature MSE), averaged over ranks."""
         if not names:
             return {}, {}
-        imp = sample_batches(adapter, train_batches, recipe.train.importance_batches, device)
-        distortion, mse = measure_feature_errors(student, teacher, imp, names, adapter.infer)
+        imp = sample_batches(adapter, calib_src, recipe.train.importance_batches, device)
+        distortion, mse = kd.measure(imp, adapter.infer)
         return D.mean_dict(distortion), D.mean_dict(mse)
 
     if stage1_from is not None:
@@ -519,7 +498,8 @@ def compress(adapter: Adapter, teacher: nn.Module, recipe: Recipe, out: Path, tr
         distortion = s1["distortion"]
         feature_mse = s1.get("feature_mse")
         if feature_mse is None:  # a stage-1 directory written before feature_mse was recorded
-            feature_mse = feature_errors()[1]
+            with stage1_distiller() as kd1:
+                feature_mse = feature_errors(kd1)[1]
     else:
         if recipe.sparse:
             sel = sparsify_(student, recipe.sparsity)
@@ -529,13 +509,13 @@ def compress(adapter: Adapter, teacher: nn.Module, recipe: Recipe, out: Path, tr
                 raise GpusqError("no layer to compress: the recipe's sparsity.include patterns match no "
                                  "2:4-prunable layer" + (f" (skipped {why})" if why else ""))
             D.broadcast_module_(student)
-        r1 = train_stage("stage1", student, train_batches, _stage_cfg(recipe.train.stage1, batch_size), device,
-                         adapter=adapter, teacher=teacher, distill=replace(recipe.distill, layer_weighting=False),
-                         feature_names=feats, ckpt_path=ck / "stage1.safetensors", ckpt_every=ckpt_every,
-                         resume=resume, seed=seed, eval_fn=ev if epoch_eval else None, progress=progress,
-                         compile=compile)
+        with stage1_distiller() as kd1:
+            r1 = train_stage("stage1", student, train_batches, _stage_cfg(recipe.train.stage1, batch_size),
+                             device, adapter=adapter, distiller=kd1, ckpt_path=ck / "stage1.safetensors",
+                             ckpt_every=ckpt_every, resume=resume, seed=seed, eval_fn=ev if epoch_eval else None,
+                             progress=progress, compile=compile)
+            distortion, feature_mse = feature_errors(kd1)
         hist1 = r1.history
-        distortion, feature_mse = feature_errors()
         if main:
             save_compressed(student, stage1_dir, recipe, model_name, model_kwargs, classes=classes,
                             dense_dtype="fp32")  # lossless: stage 2 trains on it
@@ -543,7 +523,7 @@ def compress(adapter: Adapter, teacher: nn.Module, recipe: Recipe, out: Path, tr
                        {"history": hist1, "distortion": distortion, "feature_mse": feature_mse})
         D.barrier()
     report["stage1_metrics"] = ev(student)
-    weights = layer_weights(distortion, feature_mse, recipe.distill)
+    weights = layer_weights(distortion, feature_mse, recipe.distill)  # = Distiller.importance
     report["feature_layers"] = feats
     report["layer_importance"] = recipe.distill.importance if recipe.distill.layer_weighting else "uniform"
     report["layer_distortion"] = distortion
@@ -558,14 +538,14 @@ def compress(adapter: Adapter, teacher: nn.Module, recipe: Recipe, out: Path, tr
         teacher2 = copy.deepcopy(student).eval().requires_grad_(False)
         if not quantize_(student, recipe.quant):
             raise GpusqError("no layer to compress: no GEMM layer of the model can be quantized")
-        calib = sample_batches(adapter, train_batches, recipe.train.calib_batches, device)
+        calib = sample_batches(adapter, calib_src, recipe.train.calib_batches, device)
         calibrate(student, lambda m: [adapter.infer(m, b) for b in calib])
         report["calibrated_metrics"] = ev(student)
-        r2 = train_stage("stage2", student, train_batches, _stage_cfg(recipe.train.stage2, batch_size), device,
-                         adapter=adapter, teacher=teacher2, distill=recipe.distill, weights=weights,
-                         feature_names=feats, ckpt_path=ck / "stage2.safetensors", ckpt_every=ckpt_every,
-                         resume=resume, seed=seed + 1, eval_fn=ev if epoch_eval else None, progress=progress,
-                         compile=compile)
+        with task_distiller(adapter, student, teacher2, recipe.distill, names, weights) as kd2:
+            r2 = train_stage("stage2", student, train_batches, _stage_cfg(recipe.train.stage2, batch_size),
+                             device, adapter=adapter, distiller=kd2, ckpt_path=ck / "stage2.safetensors",
+                             ckpt_every=ckpt_every, resume=resume, seed=seed + 1,
+                             eval_fn=ev if epoch_eval else None, progress=progress, compile=compile)
         hist2 = r2.history
     # the final metrics are the stored model's (codes + bf16 dense tensors): what `gpusq eval` of the
     # output reproduces exactly

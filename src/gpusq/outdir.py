@@ -10,6 +10,8 @@
   user pointing ``--out`` at a folder of their own (their home directory) loses nothing.
 
 Under ``torchrun`` only global rank 0 (``RANK``) checks and clears; the other ranks never write.
+The Python API (``gpusq.compress(..., out=, resume=, overwrite=)``) checks the same way, its messages
+naming its own arguments (``PYTHON_FLAGS``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ OUTPUT_ENTRIES = ("model.safetensors", "model.yaml", "recipe.yaml", "task.yaml",
 RUN_STATE = ("checkpoints", ".train", "stage1")  # what an interrupted run leaves for --resume
 # what `gpusq demo` writes into its --out (each variant directory is an output as above)
 DEMO_ENTRIES = ("summary.json", "teacher", "sparse", "int8", "int4")
+SCAFFOLDING = ("classes.json", "run.json")  # what a run writes into its checkpoint folder before any checkpoint
+CLI_FLAGS = ("--out", "--resume", "--overwrite")  # how messages name out / resume / overwrite
+PYTHON_FLAGS = ("out", "resume=True", "overwrite=True")
 
 
 def _is_gpusq_model(f: Path) -> bool:
@@ -51,10 +56,10 @@ def _has_run_state(d: Path) -> bool:
             or (d / "stage1" / "stage1.json").is_file())
 
 
-def _is_scaffolding(p: Path) -> bool:
+def is_scaffolding(p: Path) -> bool:
     """A checkpoint folder that holds no checkpoint (left by a run that failed before saving one)."""
     return (p.name in ("checkpoints", ".train") and p.is_dir() and not p.is_symlink()
-            and all(f.name == "classes.json" and f.is_file() for f in p.iterdir()))
+            and all(f.name in SCAFFOLDING and f.is_file() for f in p.iterdir()))
 
 
 def is_gpusq_output(d: Path) -> bool:
@@ -81,26 +86,29 @@ def _listing(names: Sequence[str], limit: int = 5) -> str:
 
 def check_out_dir(out: str | Path, *, overwrite: bool = False, resume: bool = False,
                   entries: Sequence[str] = OUTPUT_ENTRIES, recognise: Callable[[Path], bool] = is_gpusq_output,
-                  what: str = "a gpusq output", can_resume: bool = True) -> Callable[[], None]:
+                  what: str = "a gpusq output", can_resume: bool = True,
+                  flags: tuple[str, str, str] = CLI_FLAGS) -> Callable[[], None]:
     """Refuse ``out`` (one-line ``GpusqError``) unless a run may write there; returns the function that
-    clears the old gpusq files under ``--overwrite`` (a no-op otherwise), to call when the run starts."""
+    clears the old gpusq files under ``--overwrite`` (a no-op otherwise), to call when the run starts.
+    ``flags``: the names of out / resume / overwrite in the messages."""
+    o, res, ow = flags
     if overwrite and resume:
-        raise GpusqError("--overwrite starts over and --resume continues: pass one of them")
+        raise GpusqError(f"{ow} starts over and {res} continues: pass one of them")
     if int(os.environ.get("RANK", "0")) != 0:
         return lambda: None
     out = Path(out)
     if not out.exists():
         return lambda: None
     if not out.is_dir():
-        raise GpusqError(f"--out {out} exists and is not a directory")
+        raise GpusqError(f"{o} {out} exists and is not a directory")
     present = sorted(p.name for p in out.iterdir())
-    if all(_is_scaffolding(out / n) for n in present):  # empty, or only what a failed run left
+    if all(is_scaffolding(out / n) for n in present):  # empty, or only what a failed run left
         for n in present:
             shutil.rmtree(out / n)
         return lambda: None
     shown = [n + "/" if (out / n).is_dir() else n for n in present]
     if not recognise(out):
-        raise GpusqError(f"--out {out} is not empty and holds no gpusq output ({_listing(shown)}); "
+        raise GpusqError(f"{o} {out} is not empty and holds no gpusq output ({_listing(shown)}); "
                          "choose a new or empty directory")
     if resume:
         return lambda: None
@@ -108,10 +116,10 @@ def check_out_dir(out: str | Path, *, overwrite: bool = False, resume: bool = Fa
     if not overwrite:
         if can_resume and _has_run_state(out) and not _is_gpusq_model(out / "model.safetensors"):
             state = [n for n in shown if n.rstrip("/") in RUN_STATE]
-            raise GpusqError(f"--out {out} holds an interrupted run ({_listing(state)}); "
-                             "pass --resume to continue it or --overwrite to start over")
+            raise GpusqError(f"{o} {out} holds an interrupted run ({_listing(state)}); "
+                             f"pass {res} to continue it or {ow} to start over")
         mine = [n for n in shown if n.rstrip("/") in entries]
-        raise GpusqError(f"--out {out} already holds {what} ({_listing(mine)}); pass --overwrite to replace it")
+        raise GpusqError(f"{o} {out} already holds {what} ({_listing(mine)}); pass {ow} to replace it")
 
     def clear() -> None:
         for n in ours:

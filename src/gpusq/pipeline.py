@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,11 +102,12 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device, desc: str
     n = c1 = c5 = 0
     loss = 0.0
     bad = 0
+    ready = getattr(batches, "ready", False)  # a user's loader (gpusq.userdata): inputs as the model takes them
     for x, y, nb in tqdm(batches, desc=desc, leave=False, disable=not progress):
         bad += nb
         if len(y) == 0:
             continue
-        x = prepare_batch(x, device, train=False, flip=False)
+        x = x.to(device, non_blocking=True) if ready else prepare_batch(x, device, train=False, flip=False)
         y = y.to(device)
         with autocast(device):
             out = model(x).float()
@@ -130,7 +131,9 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device, desc: str
 
 class ClassificationAdapter:
     """Classification for ``gpusq.engine``: ``(uint8 images, labels, n_bad)`` batches, augmented on the
-    device (pad-crop + optional flip), cross-entropy, KL on the class logits, top-1/top-5."""
+    device (pad-crop + optional flip), cross-entropy, KL on the class logits, top-1/top-5.
+    ``ready``: the batches are a user's (``gpusq.userdata``), inputs already as the model takes them
+    (moved to the device as they are; the batch augmentation, erasing and Mixup, still applies)."""
 
     task = "classification"
     features = DEFAULT_FEATURE_PATTERN
@@ -140,9 +143,9 @@ class ClassificationAdapter:
 
     def __init__(self, val: Batches | None, device: torch.device, *, flip: bool | float, crop_pad: float = 0.125,
                  input_size: tuple[int, int, int] | None = None, augment: AugmentConfig | None = None,
-                 num_classes: int = 0, shard: tuple[int, int] = (0, 1)):
+                 num_classes: int = 0, shard: tuple[int, int] = (0, 1), ready: bool = False):
         self.val, self.device, self.flip, self.crop_pad, self.input_size = val, device, flip, crop_pad, input_size
-        self.augment, self.num_classes, self.shard = augment, num_classes, shard
+        self.augment, self.num_classes, self.shard, self.ready = augment, num_classes, shard, ready
         self.batch_aug = None  # gpusq.augment.BatchAugment of the running stage (erasing, Mixup / CutMix)
 
     def begin_stage(self, seed: int, cfg: StageConfig) -> None:
@@ -155,8 +158,11 @@ class ClassificationAdapter:
     def prepare(self, batch, device: torch.device, train: bool, generator: torch.Generator | None = None,
                 shard: tuple[int, int] = (0, 1), step: int = 0):
         x, y, _ = batch
-        x = prepare_batch(x, device, train=train, flip=self.flip if train else False, generator=generator,
-                          crop_pad=self.crop_pad, shard=shard)
+        if self.ready:
+            x = x.to(device, non_blocking=True)
+        else:
+            x = prepare_batch(x, device, train=train, flip=self.flip if train else False, generator=generator,
+                              crop_pad=self.crop_pad, shard=shard)
         if not train:
             return x
         y = y.to(device, non_blocking=True)
@@ -271,7 +277,7 @@ def _prepare_out(out: Path, resume: bool) -> None:
     if not out.parent.exists():
         raise GpusqError(f"--out {out}: parent directory {out.parent} does not exist")
     if resume and not (out / "checkpoints").is_dir():
-        raise GpusqError(f"--resume: no checkpoint in {out}")
+        raise GpusqError(f"nothing to resume: no checkpoint in {out}")
     out.mkdir(exist_ok=True)
 
 
@@ -288,7 +294,7 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
     augmentation (default: gpusq's standard crop + flip)."""
     out = Path(out)
     _prepare_out(out, resume)
-    device = device or device_of(None)
+    device = _run_device(device)
     seed_everything(data.seed)
     if net is None:
         net, model, model_kwargs = resolve_model(model, model_kwargs, init)
@@ -326,18 +332,34 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
 
 
 # -- compression --------------------------------------------------------------------------------
-def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | Path, *,
-             model_name: str | None = None, model_kwargs: dict | None = None, resume: bool = False,
-             device: torch.device | None = None, progress: bool = True, ckpt_every: int = 0,
-             stage1_from: str | Path | None = None, compile: bool = False,
-             teacher_classes: list[str] | None = None, epoch_eval: bool = True) -> dict:
+def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions | None = None, out: str | Path | None = None, *,
+             train: Iterable | None = None, val: Iterable | None = None, calib: Iterable | None = None,
+             seed: int | None = None, model_name: str | None = None, model_kwargs: dict | None = None,
+             resume: bool = False, overwrite: bool = False, device: torch.device | None = None,
+             progress: bool = True, ckpt_every: int = 0, stage1_from: str | Path | None = None,
+             compile: bool = False, teacher_classes: list[str] | None = None, epoch_eval: bool = True) -> dict:
     """Run GPUSQ (``gpusq.engine.compress``) on a trained dense classifier ``teacher``; write the
-    compressed model and reports to ``out``.
+    compressed model and reports to ``out``; return the report.
+
+    The data, one of two ways:
+
+    * ``data=DataOptions(PATH, ...)``: an ImageFolder / .zip / ``mnist5k`` read by gpusq (its
+      normalization, the recipe's augmentation, torchrun shards, exact resume), as ``gpusq compress``;
+    * ``train=`` / ``val=`` (and optionally ``calib=``): your own re-iterables of ``(inputs, labels)``
+      batches, e.g. ``torch.utils.data.DataLoader`` s; inputs as the model takes them. ``calib``: the
+      un-augmented batches for activation calibration and the layer-importance measurement (default:
+      ``train``). ``seed`` (default 0) seeds the run. What holds for resume and torchrun, and what is
+      refused: ``gpusq.userdata``.
+
+    ``out``: a new or empty directory. One that holds anything else is refused (one line), unless it
+    holds an interrupted run and ``resume`` (continue it: the recipe, seed, model and data must be the
+    interrupted run's) or ``overwrite`` (an earlier gpusq output there is replaced; your own files are
+    kept) — as the CLI's ``--resume`` / ``--overwrite``.
 
     ``teacher_classes``: the class names the teacher was trained on, in label order (default: those
     ``resolve_model`` attached as ``teacher.gpusq_classes``); the data's must be the same, else a
     one-line error before any training (without names, the teacher's head size is checked). The
-    output records the classes.
+    output records the classes (with ``train=``, these names, if any).
 
     ``stage1_from``: reuse the stage-1 result of an earlier run (its ``out/stage1`` directory) and
     go straight to stage 2 (how the ablations share one sparse fine-tuning).
@@ -345,31 +367,123 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions, out: str | P
     ``epoch_eval=False``: no validation pass after every epoch (the history has training metrics
     only; the stage and final metrics are measured as always), for sweeps of many short runs.
     """
-    out = Path(out)
-    _prepare_out(out, resume)
-    device = device or device_of(None)
+    _check_data_args(data, out, train, val, calib, seed)
+    if train is not None:
+        from gpusq.userdata import UserBatches, check_recipe_for_loaders
+
+        check_recipe_for_loaders(recipe)
+    seed = data.seed if data is not None else (seed or 0)
+    device = _run_device(device)
+    if teacher_classes is None:
+        teacher_classes = getattr(teacher, "gpusq_classes", None)
+    head = head_size(teacher)
+    if train is not None:  # the loaders are checked before out is touched (their batches as they come)
+        train_batches = UserBatches(train, "train", head, seed=seed)
+        val_batches = UserBatches(val, "val", head, seed=seed, need_len=False)
+        calib_batches = None if calib is None else UserBatches(calib, "calib", head, seed=seed, need_len=False)
+        classes: list[str] | None = list(teacher_classes) if teacher_classes is not None else None
+        if classes is not None and head is not None and len(classes) != head:
+            raise GpusqError(f"teacher_classes names {len(classes)} classes but the teacher predicts {head}")
+    out = _open_out(Path(out), resume, overwrite)
     model_kwargs = model_kwargs or {}
-    seed_everything(data.seed)
+    seed_everything(seed)
     teacher = teacher.to(device).eval()
     D.broadcast_module_(teacher)  # replicated teacher: identical on every rank, so are the masks
     size = model_input_size(teacher)
-    bs = data.batch_size or recipe.train.stage1.batch_size
-    loaders = build_loaders(data, size, bs, device, augment=recipe.augment)
-    classes = loaders.info.classes
-    if teacher_classes is None:
-        teacher_classes = getattr(teacher, "gpusq_classes", None)
-    check_classes(teacher_classes, head_size(teacher), classes, who="the teacher", data=data.data)
-    (out / "checkpoints").mkdir(exist_ok=True)
-    _run_classes(out / "checkpoints", classes, resume, data.data)
-    adapter = ClassificationAdapter(loaders.val, device, flip=loaders.info.flip, crop_pad=loaders.info.crop_pad,
-                                    input_size=size, augment=recipe.augment, num_classes=loaders.info.num_classes,
-                                    shard=(loaders.train.rank, loaders.train.world))
-    header = {"kind": "compressed", "model": model_name, "model_kwargs": model_kwargs, "data": data.data,
+    if data is not None:
+        bs = data.batch_size or recipe.train.stage1.batch_size
+        loaders = build_loaders(data, size, bs, device, augment=recipe.augment)
+        classes = loaders.info.classes
+        check_classes(teacher_classes, head, classes, who="the teacher", data=data.data)
+        adapter = ClassificationAdapter(loaders.val, device, flip=loaders.info.flip, crop_pad=loaders.info.crop_pad,
+                                        input_size=size, augment=recipe.augment,
+                                        num_classes=loaders.info.num_classes,
+                                        shard=(loaders.train.rank, loaders.train.world))
+        train_batches, calib_batches, where, batch_size = loaders.train, None, data.data, data.batch_size
+        run = {"data": str(Path(data.data).resolve()) if Path(data.data).exists() else data.data, "batch_size": bs}
+    else:
+        adapter = ClassificationAdapter(val_batches, device, flip=False, crop_pad=0.0, input_size=size,
+                                        augment=recipe.augment, num_classes=head or 0,
+                                        shard=(train_batches.rank, train_batches.world), ready=True)
+        where, batch_size = f"{type(train).__name__} (Python)", None
+        run = {"data": where, "train_batches": len(train_batches)}
+    ck = out / "checkpoints"
+    ck.mkdir(exist_ok=True)
+    _same_run(ck, {"recipe": recipe.to_dict(), "seed": seed, "model": model_name, "model_kwargs": model_kwargs,
+                   **run}, resume, out)
+    if classes is not None:
+        _run_classes(ck, classes, resume, where)
+    header = {"kind": "compressed", "model": model_name, "model_kwargs": model_kwargs, "data": where,
               "classes": classes}
-    return engine.compress(adapter, teacher, recipe, out, loaders.train, device=device, model_name=model_name,
-                           model_kwargs=model_kwargs, classes=classes, report=header, seed=data.seed,
-                           batch_size=data.batch_size, resume=resume, progress=progress, ckpt_every=ckpt_every,
-                           stage1_from=stage1_from, compile=compile, epoch_eval=epoch_eval)
+    return engine.compress(adapter, teacher, recipe, out, train_batches, device=device, model_name=model_name,
+                           model_kwargs=model_kwargs, classes=classes, report=header, seed=seed,
+                           batch_size=batch_size, resume=resume, progress=progress, ckpt_every=ckpt_every,
+                           stage1_from=stage1_from, compile=compile, epoch_eval=epoch_eval,
+                           calib_batches=calib_batches)
+
+
+def _check_data_args(data: DataOptions | None, out: str | Path | None, train: Iterable | None,
+                     val: Iterable | None, calib: Iterable | None, seed: int | None) -> None:
+    """The data given one way, with what goes with it: one-line errors before any work."""
+    if out is None:
+        raise GpusqError("compress needs out=DIR (a new or empty directory)")
+    if (data is None) == (train is None):
+        raise GpusqError("compress takes its data one way: data=DataOptions(PATH) or train=/val= (your loaders)"
+                         + (", not both" if data is not None else ""))
+    if data is not None:
+        if not isinstance(data, DataOptions):
+            raise GpusqError(f"data= takes DataOptions(PATH, ...), got {type(data).__name__}; pass your own "
+                             "loader as train= (and val=)")
+        if val is not None or calib is not None:
+            raise GpusqError("val= / calib= go with train=; DataOptions reads the val split of its own data")
+        if seed is not None and seed != data.seed:
+            raise GpusqError(f"seed={seed} but DataOptions(seed={data.seed}); set the seed in DataOptions")
+    elif val is None:
+        raise GpusqError("train= needs val= too: the teacher, each stage and the output are evaluated on it")
+
+
+def _run_device(device: torch.device | None) -> torch.device:
+    """The run's device; under torchrun this rank joins the process group (and takes its GPU) even when
+    the caller names the device."""
+    if device is None:
+        return device_of(None)
+    return D.init_from_env(device.type) or device
+
+
+def _open_out(out: Path, resume: bool, overwrite: bool) -> Path:
+    """``out`` checked as the CLI checks ``--out`` (``gpusq.outdir``), then created. ``overwrite``: an
+    earlier gpusq output's files go now; files of your own are kept and may be there without one (as
+    ``gpusq compress --overwrite`` leaves the directory), unless one has a name gpusq writes."""
+    from gpusq import outdir
+
+    if overwrite and not resume and out.is_dir() and not outdir.is_gpusq_output(out):
+        taken = [n for n in outdir.OUTPUT_ENTRIES if (out / n).exists() and not outdir.is_scaffolding(out / n)]
+        if taken:
+            raise GpusqError(f"out {out} holds {taken[0]}, not written by gpusq; choose a new or empty directory")
+    else:
+        outdir.check_out_dir(out, overwrite=overwrite, resume=resume, flags=outdir.PYTHON_FLAGS)()
+    _prepare_out(out, resume)
+    return out
+
+
+def _same_run(ck: Path, record: dict, resume: bool, out: Path) -> None:
+    """Record a run's settings with its checkpoints; a resumed run must have the same ones."""
+    f = ck / "run.json"
+    record = json.loads(json.dumps(record, default=str))
+    if resume and f.is_file():
+        old = json.loads(f.read_text())
+        for k, v in record.items():
+            if k in old and old[k] != v:
+                shown = f" ({_short(old[k])} → {_short(v)})" if k != "recipe" else ""
+                raise GpusqError(f"{out} holds an interrupted run with another {k.replace('_', ' ')}{shown}; "
+                                 "resume it with its own settings, or start over in a new directory")
+    elif D.is_main():
+        atomic_write_text(f, json.dumps(record) + "\n")
+
+
+def _short(v: object) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # -- evaluation -----------------------------------------------------------------------------------

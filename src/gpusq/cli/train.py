@@ -151,7 +151,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         recipe = recipe_of(a)
         teacher, name, kwargs = resolve_model(a.model, parse_model_kwargs(a.model_arg), a.teacher)
         rep = _run_writing(a.out, clear, lambda: compress(
-            teacher, recipe, d, a.out, model_name=name, model_kwargs=kwargs, resume=a.resume,
+            teacher, recipe, d, a.out, model_name=name, model_kwargs=kwargs, resume=a.resume, overwrite=a.overwrite,
             device=device_of(a), ckpt_every=a.ckpt_every, stage1_from=a.stage1_from, compile=a.compile))
         if not D.is_main():
             return 0
