@@ -76,10 +76,10 @@ def test_layer_codes_fp8_exact():
 
 def test_layer_codes_rejects_unsupported_mix():
     from gpusq.layers import CompressedLinear
-    from gpusq.quant import QuantSpec
+    from gpusq.quant import QuantSpec, set_quant_
 
     lin = CompressedLinear(8, 8)
-    lin.set_quant_(QuantSpec("int8"), QuantSpec("int8"))  # int8 without 2:4: no kernel
+    set_quant_(lin, QuantSpec("int8"), QuantSpec("int8"))  # int8 without 2:4: no kernel
     with pytest.raises(GpusqError, match="no deployment kernel"):
         layer_codes(lin)
 

@@ -186,7 +186,7 @@ def test_unfusable_models_say_why():
 
     import timm
 
-    from gpusq.quant import QuantSpec
+    from gpusq.quant import QuantSpec, set_quant_
     from gpusq.sparsity import mask_2to4
 
     m = timm.create_model("deit_tiny_patch16_224", pretrained=False, **TINY).eval()
@@ -195,7 +195,7 @@ def test_unfusable_models_say_why():
     names = [f"blocks.{i}.{r}" for i in range(2) for r in ("attn.qkv", "attn.proj", "mlp.fc1")]
     for layer in ensure_compressed(m, names).values():  # fc2 left dense
         layer.set_mask_(mask_2to4(layer.weight))
-        layer.set_quant_(QuantSpec("int8"), QuantSpec("int8"))
+        set_quant_(layer, QuantSpec("int8"), QuantSpec("int8"))
     fm, why = _fused_copy(m)
     assert why == "blocks.0.mlp.fc2 is not compressed"
     assert not hasattr(fm.blocks, "gpusq_fused")  # left unchanged

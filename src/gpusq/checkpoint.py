@@ -35,6 +35,7 @@ from torch import nn
 from gpusq.codes import LayerCodes, attach_codes, layer_codes, pack_2to4, pack_int4, unpack_2to4, unpack_int4
 from gpusq.errors import GpusqError
 from gpusq.layers import compressed_layers, ensure_compressed
+from gpusq.quant import set_quant_
 from gpusq.recipes import Recipe, load_recipe
 
 FORMAT_VERSION = "2"
@@ -277,7 +278,7 @@ def build_compressed(
             layer.weight_mask = torch.zeros_like(layer.weight, dtype=torch.bool)
         wq = recipe.quant.weight if f"{name}.weight_scale" in state else None
         aq = recipe.quant.act if f"{name}.input_scale" in state else None
-        layer.set_quant_(wq, aq)
+        set_quant_(layer, wq, aq)
     load_weights_(model, _add_quantizer_state(model, plain), source)
     with torch.no_grad():
         for name, layer in layers.items():

@@ -16,16 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpusq.quant import ActQuantizer, QuantSpec, WeightQuantizer
-
 
 class CompressedLayer(nn.Module):
     """Mixin shared by the compressed Linear and Conv2d."""
 
     weight: nn.Parameter
     weight_mask: torch.Tensor | None
-    weight_quant: WeightQuantizer | None
-    input_quant: ActQuantizer | None
+    weight_quant: nn.Module | None  # a gpusq.quant.WeightQuantizer, installed by quant.set_quant_
+    input_quant: nn.Module | None  # a gpusq.quant.ActQuantizer
 
     def _init_compression(self) -> None:
         self.register_buffer("weight_mask", None)
@@ -37,13 +35,6 @@ class CompressedLayer(nn.Module):
         with torch.no_grad():
             self.weight_mask = mask.to(device=self.weight.device, dtype=torch.bool)
             self.weight.mul_(self.weight_mask)
-
-    def set_quant_(self, weight: QuantSpec | None, act: QuantSpec | None) -> None:
-        dev = self.weight.device
-        self.weight_quant = (
-            WeightQuantizer(weight, self.weight.shape[0]).to(dev) if weight and weight.enabled else None
-        )
-        self.input_quant = ActQuantizer(act).to(dev) if act and act.enabled else None
 
     def masked_weight(self) -> torch.Tensor:
         w = self.weight

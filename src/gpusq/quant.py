@@ -28,6 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gpusq.layers import CompressedLayer, compressed_layers, ensure_compressed
+from gpusq.sparsity import select_layers
+
 FORMATS = ("none", "int8", "int4", "fp8_e4m3")
 CALIB_METHODS = ("max", "percentile", "mse")
 FP8_MAX = 448.0
@@ -257,6 +260,16 @@ class QuantConfig:
     act: QuantSpec
 
 
+def set_quant_(layer: CompressedLayer, weight: QuantSpec | None, act: QuantSpec | None) -> None:
+    """Install (or, with ``None`` / disabled specs, remove) ``layer``'s weight and input quantizers.
+    Here, not in ``gpusq.layers``: the layers know nothing of quantization formats."""
+    dev = layer.weight.device
+    layer.weight_quant = (
+        WeightQuantizer(weight, layer.weight.shape[0]).to(dev) if weight and weight.enabled else None
+    )
+    layer.input_quant = ActQuantizer(act).to(dev) if act and act.enabled else None
+
+
 def quantize_(model: nn.Module, config: QuantConfig, layers: list[str] | None = None,
               filter_fn=None) -> list[str]:
     """Attach fake quantizers to compressed layers in place (torchao-style ``quantize_``).
@@ -265,9 +278,6 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[str] | None = 
     takes; by default every layer ``sparsify_`` compressed, or, on a model never sparsified, the
     default GEMM selection. Activation scales need ``calibrate`` next.
     """
-    from gpusq.layers import compressed_layers, ensure_compressed
-    from gpusq.sparsity import select_layers
-
     if layers is not None and filter_fn is not None:
         raise ValueError("pass layers or filter_fn, not both")
     if filter_fn is not None:  # (a layer sparsify_ swapped is still a Linear / Conv2d: selected alike)
@@ -275,7 +285,7 @@ def quantize_(model: nn.Module, config: QuantConfig, layers: list[str] | None = 
     if layers is None:
         layers = list(compressed_layers(model)) or select_layers(model).selected
     for layer in ensure_compressed(model, layers).values():
-        layer.set_quant_(config.weight, config.act)
+        set_quant_(layer, config.weight, config.act)
         if layer.weight_quant is not None:
             layer.weight_quant.calibrate_(layer.masked_weight().detach())
     return layers
@@ -292,8 +302,6 @@ def calibrate(model: nn.Module, forward_loop) -> None:
 
     Weight clip ratios (``mse``) are refreshed from the current weights too.
     """
-    from gpusq.layers import compressed_layers
-
     quantizers = act_quantizers(model)
     was_training = model.training
     model.eval()

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from gpusq.layers import CompressedLayer, compressed_layers, ensure_compressed
+
 # A Linear inside a transformer block, plus the patch embedding's projection.
 DEFAULT_INCLUDE = (r"(^|\.)blocks\.\d+(\.|$)", r"(^|\.)patch_embed\.proj$")
 # Classifier heads and everything a user names stay dense.
@@ -124,7 +126,6 @@ def check_2to4(model: nn.Module) -> dict[str, bool]:
 
     Checks the weight the layer actually uses (masked and, if quantized, on the quantization grid).
     """
-    from gpusq.layers import CompressedLayer
 
     return {
         name: is_2to4(mod.effective_weight())
@@ -138,7 +139,6 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
     """Prune the selected layers of ``model`` to 2:4 in place (magnitude masks), swapping each for
     a compressed layer that keeps enforcing its mask. Returns what was selected and skipped.
     ``filter_fn(name, module)`` selects instead of ``config``'s include/exclude patterns."""
-    from gpusq.layers import ensure_compressed
 
     config = config or SparsityConfig()
     sel = select_layers(model, config.include, config.exclude, filter_fn)
@@ -152,7 +152,6 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
 @torch.no_grad()
 def apply_masks_(model: nn.Module) -> None:
     """Re-zero pruned weights (e.g. after loading foreign weights into a sparse model)."""
-    from gpusq.layers import compressed_layers
 
     for layer in compressed_layers(model).values():
         if layer.weight_mask is not None:

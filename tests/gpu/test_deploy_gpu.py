@@ -65,13 +65,13 @@ def test_linear_int8_matches_fake_quant():
     from gpusq.deploy import layer_codes
     from gpusq.deploy.modules import DeployedLinear
     from gpusq.layers import CompressedLinear
-    from gpusq.quant import QuantSpec, calibrate
+    from gpusq.quant import QuantSpec, calibrate, set_quant_
     from gpusq.sparsity import mask_2to4
 
     torch.manual_seed(0)
     lin = CompressedLinear(100, 70).cuda()
     lin.set_mask_(mask_2to4(lin.weight))
-    lin.set_quant_(QuantSpec("int8"), QuantSpec("int8"))
+    set_quant_(lin, QuantSpec("int8"), QuantSpec("int8"))
     x = torch.randn(3, 131, 100, device="cuda")
     calibrate(lin, lambda m: m(x))
     kind, codes, ws, s_in = layer_codes(lin)

@@ -17,6 +17,7 @@ from torch import nn
 
 from gpusq.deploy import cusparselt as cs
 from gpusq.deploy.fused import pad_rows_cols, quantize_fp8, quantize_int8
+from gpusq.errors import GpusqError
 
 _OPS_DEFINED = False
 
@@ -38,6 +39,29 @@ def _define_ops() -> None:
         return x.new_empty((x.shape[0], n), dtype=torch.bfloat16)
 
     _OPS_DEFINED = True
+
+
+def layer_codes(layer: nn.Module) -> tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(kernel kind, weight codes [N, K] as float, weight scale [N], input scale) of a compressed layer.
+
+    The codes come from ``gpusq.codes.layer_codes``: the ones a loaded model was stored with (or,
+    for a model in memory, computed once), exactly the integers / E4M3 values the fake-quant layer
+    multiplies (``effective_weight = codes * weight_scale``). INT4 codes run on the INT8 kernel.
+    """
+    from gpusq.codes import layer_codes as stored_codes
+
+    c = stored_codes(layer)
+    sparse = c.mask is not None
+    if c.w_fmt in ("int8", "int4") and c.a_fmt == "int8" and sparse:
+        return "int8", c.codes.float(), c.weight_scale, c.input_scale
+    if c.w_fmt == "fp8_e4m3" and c.a_fmt == "fp8_e4m3":
+        return "fp8", c.codes.float(), c.weight_scale, c.input_scale
+    if c.w_fmt == "none" and c.a_fmt == "none" and sparse:
+        return "bf16", c.codes.float(), None, None
+    what = f"{c.w_fmt} weights, {c.a_fmt} activations, {'2:4' if sparse else 'dense'}"
+    raise GpusqError(
+        f"no deployment kernel for a layer with {what} (supported: int8/int4 weights + int8 activations "
+        "with 2:4; fp8 weights + fp8 activations; 2:4 without quantization)")
 
 
 class DeployedLinear(nn.Module):

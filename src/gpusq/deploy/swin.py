@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from gpusq.deploy import cusparselt as cs
+from gpusq.deploy.modules import layer_codes
 from gpusq.deploy.vit import (
     FusedBlocks,
     GemmBlock,
@@ -164,7 +165,6 @@ def why_not_hf_layer(layer: nn.Module, compressed: dict[str, nn.Module], prefix:
     why = why_not_gemm_layers(compressed, names)
     if why is not None:
         return why
-    from gpusq.deploy import layer_codes
 
     scales = [layer_codes(compressed[n])[3].float() for n in names[:3]]
     if not all(torch.equal(scales[0], t) for t in scales[1:]):
@@ -310,7 +310,6 @@ def swin_stages(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 def fuse_swin_blocks(model: nn.Module, compressed: dict[str, nn.Module], device: torch.device) -> str | None:
     """Swap every Swin stage's ``blocks`` for fused ones in place when all blocks qualify; ``None`` on
     success, else the first reason (the model is then left unchanged)."""
-    from gpusq.deploy import layer_codes
 
     stages = swin_stages(model)
     if not stages:

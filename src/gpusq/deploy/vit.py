@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpusq.deploy import cusparselt as cs
+from gpusq.deploy.modules import layer_codes
 
 GEMMS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -52,7 +53,6 @@ def why_not_gemm_block(block: nn.Module, compressed: dict[str, nn.Module], prefi
 
 def why_not_gemm_layers(compressed: dict[str, nn.Module], names: list[str]) -> str | None:
     """``None`` if every named layer is compressed to a format with a fused kernel, else the reason."""
-    from gpusq.deploy import layer_codes
     from gpusq.layers import CompressedLayer
 
     for name in names:
@@ -91,7 +91,6 @@ def why_not_fusable(block: nn.Module, compressed: dict[str, nn.Module], prefix: 
 
 def block_backend(block: nn.Module, compressed: dict[str, nn.Module], prefix: str) -> str:
     """``int8`` (2:4 on cuSPARSELt) or ``fp8`` (dense on cuBLASLt) for a block ``why_not_fusable`` accepted."""
-    from gpusq.deploy import layer_codes
 
     return layer_codes(compressed[f"{prefix}.attn.qkv"])[0]
 
@@ -126,7 +125,6 @@ def gemm_specs(compressed: dict[str, nn.Module], names: dict[str, str | tuple[st
     """``{rel: (codes, weight scale, input scale, bias)}`` for the fused GEMMs ``qkv``/``proj``/``fc1``/``fc2``
     from compressed layer names; a tuple of names (Hugging Face's separate q, k, v) is concatenated
     along the outputs, which is exact only when they quantize their shared input with one scale."""
-    from gpusq.deploy import layer_codes
 
     out = {}
     for rel, nm in names.items():
