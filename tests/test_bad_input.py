@@ -246,3 +246,21 @@ def test_export_does_not_replace_an_existing_file(capsys, tmp_path):
     assert out.read_bytes() == b"previous export"
     _fails(capsys, ["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(out), "--overwrite"],
            "checkpoint not found")
+
+
+def test_stage2_batch_size_that_differs_is_refused_not_ignored(capsys, tmp_path, teacher, folder):
+    """Both stages train on one loader: a stage-2 batch size of its own is an error (before --overwrite
+    clears anything), unless --batch-size sets the one size."""
+    from gpusq.recipes import load_recipe
+
+    out = tmp_path / "o"
+    _write_dense(timm.create_model(MODEL, **KWD), out, MODEL, dict(KWD))  # an earlier gpusq output
+    before = (out / "model.safetensors").read_bytes()
+    _fails(capsys, ["compress", "--teacher", str(teacher), "--data", str(folder), "--out", str(out), "--overwrite",
+                    "--set", "train.stage2.batch_size=64"],
+           "train.stage2.batch_size (64) differs from train.stage1.batch_size (128)")
+    assert (out / "model.safetensors").read_bytes() == before  # --overwrite did not clear it first
+    r = load_recipe("int8", {"train": {"stage2": {"batch_size": 64}}})
+    assert r.loader_batch_size(32) == 32
+    assert load_recipe("int8").loader_batch_size() == 128
+    assert load_recipe("sparse", {"train": {"stage2": {"batch_size": 64}}}).loader_batch_size() == 128  # no stage 2

@@ -391,7 +391,7 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions | None = None
     D.broadcast_module_(teacher)  # replicated teacher: identical on every rank, so are the masks
     size = model_input_size(teacher)
     if data is not None:
-        bs = data.batch_size or recipe.train.stage1.batch_size
+        bs = recipe.loader_batch_size(data.batch_size)
         loaders = build_loaders(data, size, bs, device, augment=recipe.augment)
         classes = loaders.info.classes
         check_classes(teacher_classes, head, classes, who="the teacher", data=data.data)

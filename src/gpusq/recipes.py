@@ -100,6 +100,16 @@ class Recipe:
     def quantized(self) -> bool:
         return self.quant.weight.enabled or self.quant.act.enabled
 
+    def loader_batch_size(self, override: int | None = None) -> int:
+        """The training loader's batch size: ``override`` (``--batch-size``), else the stages' one.
+        Both stages train on one loader, so a stage-2 size that differs is refused, not ignored."""
+        s1, s2 = self.train.stage1.batch_size, self.train.stage2.batch_size
+        stage2_trains = self.quantized and self.train.stage2.epochs > 0  # as gpusq.engine.stage_steps counts
+        if override is None and s2 != s1 and stage2_trains:
+            raise GpusqError(f"recipe: train.stage2.batch_size ({s2}) differs from train.stage1.batch_size ({s1}); "
+                             "both stages train on one loader: set them equal or pass --batch-size")
+        return override or s1
+
     def to_dict(self) -> dict[str, Any]:
         def conv(v):
             if dataclasses.is_dataclass(v):

@@ -86,6 +86,7 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         clear = check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
         recipe = recipe_of(a)
         check_recipe(recipe)  # before clear(): a refused recipe costs no earlier output
+        recipe.loader_batch_size(a.batch_size)
         clear()
         rep = compress_task(task, a.teacher, recipe, a.data, a.out, model=a.model,
                             model_kwargs=parse_model_kwargs(a.model_arg), val_data=a.val_data,

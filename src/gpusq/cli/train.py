@@ -149,6 +149,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         d = _data_opts(a)
         clear = check_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
         recipe = recipe_of(a)
+        recipe.loader_batch_size(d.batch_size)  # refused before clear(): costs no earlier output
         teacher, name, kwargs = resolve_model(a.model, parse_model_kwargs(a.model_arg), a.teacher)
         rep = _run_writing(a.out, clear, lambda: compress(
             teacher, recipe, d, a.out, model_name=name, model_kwargs=kwargs, resume=a.resume, overwrite=a.overwrite,

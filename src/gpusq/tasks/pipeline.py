@@ -441,7 +441,7 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
         info = {**info, "classes": names}
     if "label_to_cat" in info and ds.label_to_cat != {int(k): v for k, v in info["label_to_cat"].items()}:
         raise GpusqError(f"the categories of {data} differ from the teacher's ({teacher_dir})")
-    bs = batch_size or recipe.train.stage1.batch_size
+    bs = recipe.loader_batch_size(batch_size)
     adapter = TaskAdapter(t, val, bs, device, info)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
