@@ -91,6 +91,13 @@ def test_teacher_weights_file_with_model(data, tmp_path, capsys):
     assert main(["compress", "--teacher", str(tmp_path / "mine.pth"), "--recipe", "sparse",
                  "--model", "maskrcnn_swin_test", "--out", str(tmp_path / "c"), *common]) == 0
     assert len(_json_out(capsys)["compressed_layers"]) == 16
+    # --stage1-from: an int8 run on the sparse run's stage 1 (same teacher) skips its stage 1
+    assert main(["compress", "--teacher", str(tmp_path / "mine.pth"), "--recipe", "int8", "--model",
+                 "maskrcnn_swin_test", "--out", str(tmp_path / "q"), "--stage1-from", str(tmp_path / "c" / "stage1"),
+                 *common]) == 0
+    capsys.readouterr()
+    first, reused = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("c", "q"))
+    assert reused["history"]["stage1"] == first["history"]["stage1"] and reused["history"]["stage2"]
     bad = [(["--model", "maskrcnn_swin_t"], "does not match maskrcnn_swin_t"),
            ([], "is a weights file: name its architecture with --model"),
            (["--model", "upernet_swin_test"], "unknown detection model 'upernet_swin_test'"),

@@ -101,6 +101,12 @@ def augment_of(args: argparse.Namespace):
     return _build(AugmentConfig, over.get("augment", {}), "augment")
 
 
+def add_stage_args(ap: argparse.ArgumentParser) -> None:
+    """``gpusq compress``'s run controls, the same for every task."""
+    ap.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps")
+    ap.add_argument("--stage1-from", default=None, help="reuse the stage1/ dir of an earlier run (skip stage 1)")
+
+
 def add_out_args(ap: argparse.ArgumentParser) -> None:
     """``--out`` with ``--overwrite`` / ``--resume``: every command that writes a gpusq output."""
     ap.add_argument("--out", required=True, help="output directory: new or empty, or see --overwrite / --resume")

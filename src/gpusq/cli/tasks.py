@@ -13,6 +13,7 @@ from gpusq.cli.args import (
     add_model_arg,
     add_out_args,
     add_recipe_args,
+    add_stage_args,
     device_of,
     emit_json,
     parse_model_kwargs,
@@ -78,6 +79,7 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         add_model_arg(ap)
         ap.add_argument("--val-data", default=None)
         add_recipe_args(ap)
+        add_stage_args(ap)
         add_out_args(ap)
         a = ap.parse_args(argv)
         task = check_task(a.task)
@@ -91,7 +93,7 @@ def cli_main(argv: list[str], prog: str, command: str) -> int:
         rep = compress_task(task, a.teacher, recipe, a.data, a.out, model=a.model,
                             model_kwargs=parse_model_kwargs(a.model_arg), val_data=a.val_data,
                             batch_size=a.batch_size, seed=a.seed, device=device_of(a), resume=a.resume,
-                            progress=True)
+                            progress=True, ckpt_every=a.ckpt_every, stage1_from=a.stage1_from)
         t = task_spec(task, rep["model"])
         summary = {k: rep[k] for k in ("metrics", "teacher_metrics", "compressed_layers")}
         if D.is_main() and not emit_json(summary, a.json):

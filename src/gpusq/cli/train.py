@@ -18,6 +18,7 @@ from gpusq.cli.args import (
     add_no_flip,
     add_out_args,
     add_recipe_args,
+    add_stage_args,
     augment_of,
     device_of,
     emit_json,
@@ -141,8 +142,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         add_recipe_args(ap)
         add_no_flip(ap)
         add_out_args(ap)
-        ap.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps")
-        ap.add_argument("--stage1-from", default=None, help="reuse the stage1/ dir of an earlier run")
+        add_stage_args(ap)
         ap.add_argument("--compile", action="store_true", help="torch.compile student and teacher for training")
         add_json(ap, "the final and the teacher's metrics")
         a = ap.parse_args(argv)

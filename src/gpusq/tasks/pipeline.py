@@ -421,13 +421,15 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
                   model: str | None = None, model_kwargs: dict[str, Any] | None = None,
                   val_data: str | None = None, batch_size: int | None = None, seed: int = 0,
                   device: torch.device | None = None, resume: bool = False, progress: bool = False,
-                  ckpt_every: int = 0, epoch_eval: bool = True) -> dict[str, Any]:
+                  ckpt_every: int = 0, stage1_from: str | Path | None = None,
+                  epoch_eval: bool = True) -> dict[str, Any]:
     """GPUSQ (``gpusq.engine.compress``) on a dense model of ``task``; writes the compressed model,
     ``task.yaml`` and ``report.json``.
 
     ``teacher_dir``: a ``gpusq train --task`` directory, or a weights file of ``model``. Checkpoints
     live in ``out/.train/`` until the run ends; ``resume`` continues an interrupted run from them
-    (a finished stage 1 is loaded from ``out/stage1/``, not retrained).
+    (a finished stage 1 is loaded from ``out/stage1/``, not retrained); ``stage1_from``: the ``stage1/``
+    directory of an earlier run of the same teacher, reused instead of stage 1.
     """
     check_task(task)
     check_recipe(recipe)  # before any work
@@ -451,7 +453,8 @@ def compress_task(task: str, teacher_dir: str | Path, recipe: Recipe, data: str,
     return engine.compress(adapter, teacher, recipe, out, task_batches(t, ds, bs, seed), device=device,
                            model_name=info["model"], model_kwargs=info["model_kwargs"], classes=names,
                            report=header, seed=seed, batch_size=batch_size, resume=resume, progress=progress,
-                           ckpt_every=ckpt_every, ckpt_dir=CKPT_DIR, epoch_eval=epoch_eval)
+                           ckpt_every=ckpt_every, ckpt_dir=CKPT_DIR, stage1_from=stage1_from,
+                           epoch_eval=epoch_eval)
 
 
 # -- the engine's view of a task ---------------------------------------------------------------------
