@@ -303,3 +303,39 @@ model with its input quantizers off (exactly so for a `sparse` recipe). The scal
 `gpusq_quant.json`. For the deployed speed-up use the gpusq output itself (`gpusq.deploy`,
 `gpusq export` to ONNX / TensorRT).
 """
+
+
+def weights_only(model: nn.Module) -> nn.Module:
+    """A copy of a compressed model with its activation quantizers off: what an ``save_hf_dir``
+    directory computes (its weights are the effective ones, its activations float)."""
+    import copy
+
+    from gpusq.layers import compressed_layers
+
+    m = copy.deepcopy(model)
+    for layer in compressed_layers(m).values():
+        layer.input_quant = None
+    return m
+
+
+@torch.no_grad()
+def verify_hf_dir(model: nn.Module, path: str | Path, n: int = 8, seed: int = 0) -> dict[str, float]:
+    """Load ``path`` with ``AutoModelForImageClassification`` (offline) and compare its logits with the gpusq
+    model's, activation quantizers off (``weights_only``), on ``n`` random inputs: max abs / relative error."""
+    import transformers
+
+    bars = transformers.logging.is_progress_bar_enabled()
+    transformers.logging.disable_progress_bar()
+    try:
+        ref = transformers.AutoModelForImageClassification.from_pretrained(
+            str(path), local_files_only=True, dtype=torch.float32, attn_implementation="sdpa").eval()
+    finally:
+        if bars:
+            transformers.logging.enable_progress_bar()
+    ours = weights_only(model).float().eval().cpu()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *model.pretrained_cfg["input_size"], generator=g)
+    a, b = ref(pixel_values=x).logits, ours(x)
+    err = float((a - b).abs().max())
+    return {"n": n, "max_abs_err": err, "rel_err": float((a - b).norm() / b.norm().clamp_min(1e-12)),
+            "top1_agree": float((a.argmax(1) == b.argmax(1)).float().mean())}
