@@ -150,6 +150,16 @@ class TimmFamily(Family):
         return {"classifier": cfg.classifier, "first_conv": cfg.first_conv, "input_size": tuple(cfg.input_size)}
 
 
+def compile_regions_of(model: nn.Module) -> tuple[str, ...]:
+    """The modules ``deploy`` / ``bench`` compile one by one in ``model``: its Hugging Face family's
+    (encoder layers / Swin blocks) for an HF classifier, else the timm-style blocks."""
+    arch = (getattr(model, "gpusq_hf", None) or {}).get("architecture")
+    for f in FAMILIES:
+        if arch and isinstance(f, HFFamily) and arch in f.builders:
+            return f.compile_regions
+    return BLOCK_COMPILE_REGIONS
+
+
 def model_input_size(model: nn.Module, default: tuple[int, int, int] = (3, 224, 224)) -> tuple[int, int, int]:
     """(C, H, W) ``model`` takes: its patch embedding's image size (a timm ViT / Swin built with
     ``img_size=...``), else timm's ``pretrained_cfg`` input size, else ``default``."""
@@ -239,6 +249,11 @@ class HFFamily(Family):
         if kwargs:
             raise GpusqError(f"{name} is a Hugging Face directory: its config.json sets the model "
                              f"(no --model-arg: got {', '.join(kwargs)})")
+        import torch
+
+        if torch.empty(0).device.type == "meta":  # stats builds on meta: shapes only, the weights are not read
+            arch, config, pre = hf.read_dir(name)
+            return self.builders[arch](config=config, preprocessor=pre)
         return hf.load_dir(name)[0]
 
 

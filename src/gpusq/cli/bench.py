@@ -98,6 +98,8 @@ def cli_main(argv: list[str], prog: str = "gpusq bench", command: str = "bench")
             fam = families.lookup(model_name, "classification")
             base = fam.build(model_name, **kwargs).eval()
             size, regions = fam.input_size_of(base), fam.compile_regions
+            if fam is not families.TIMM:  # Hugging Face classifiers: their family's GEMMs, as gpusq compress
+                select = fam.gemm_filter(recipe.sparsity.exclude)
             label = model_name
         if args.fused_attn == "on":  # on the shared base: every variant, deployed ones included, is a copy
             enable_fused_attention(base)
