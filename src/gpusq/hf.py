@@ -271,7 +271,13 @@ def save_hf_dir(model: nn.Module, out: str | Path, recipe_name: str = "", classe
                          f"unexpected {list(unexpected)[:2]}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plain.save_pretrained(str(out), safe_serialization=True)
+    bars = transformers.logging.is_progress_bar_enabled()
+    transformers.logging.disable_progress_bar()
+    try:
+        plain.save_pretrained(str(out))
+    finally:
+        if bars:
+            transformers.logging.enable_progress_bar()
     pre = dict(model.gpusq_hf.get("preprocessor") or {})
     if not pre:
         p = model.pretrained_cfg
