@@ -34,7 +34,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=bench.__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="deit_base_patch16_224",
-                    help="model name(s), comma-separated: timm classifiers, maskrcnn_swin_t, upernet_swin_t, ... "
+                    help="model name(s), comma-separated: timm classifiers, Hugging Face ViTForImageClassification / "
+                         "SwinForImageClassification / a local HF directory, maskrcnn_swin_t, upernet_swin_t, ... "
                          "(default deit_base_patch16_224)")
     add_model_arg(ap, "classifier constructor keyword (repeatable, or comma-separated)")
     ap.add_argument("--input-size", default=None, metavar="H,W",

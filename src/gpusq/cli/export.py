@@ -19,7 +19,8 @@ def cli_main(argv: list[str], prog: str = "gpusq export", command: str = "export
                                  "explicit Q/DQ (TensorRT explicit quantization) and 2:4 sparse weights, or (--format "
                                  "hf, Hugging Face models) to a directory transformers loads, effective weights "
                                  "as dense floats.")
-    ap.add_argument("--checkpoint", required=True, help="a `gpusq compress` output directory")
+    ap.add_argument("--checkpoint", required=True, help="a `gpusq compress` output directory (--format hf: of a "
+                    "Hugging Face model)")
     ap.add_argument("--format", default="onnx", choices=["onnx", "hf"],
                     help="onnx (default) or hf: a save_pretrained directory (AutoModelForImageClassification "
                          "loads it; 2:4 zeros and on-grid weights as dense floats, no activation quantization)")
@@ -30,7 +31,7 @@ def cli_main(argv: list[str], prog: str = "gpusq export", command: str = "export
                     help=f"{MIN_OPSET}..{MAX_OPSET} (default: 21 with int4 weights, 19 with fp8, else 17)")
     ap.add_argument("--verify", metavar="DATA", default=None,
                     help="compare onnxruntime with PyTorch on DATA: 'random', 'mnist5k', "
-                    "an ImageFolder dir or .zip")
+                    "an ImageFolder dir or .zip (--format hf: 'random', transformers vs gpusq)")
     ap.add_argument("--verify-samples", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=32, help="batch size of the verification")
     args = ap.parse_args(argv)
