@@ -374,11 +374,23 @@ class Batches:
         yield from _iter_loader(loader)
 
 
+Norm = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel
+
+
+def model_norm(model: object) -> Norm | None:
+    """The (mean, std) a model's inputs are normalized with when it names its own (``gpusq_norm``: Hugging
+    Face classifiers, from their preprocessor config); None: gpusq's standard ``MEAN`` / ``STD`` (timm
+    models and gpusq-trained ones always got those)."""
+    norm = getattr(model, "gpusq_norm", None)
+    return (tuple(norm[0]), tuple(norm[1])) if norm is not None else None
+
+
 def prepare_batch(x: torch.Tensor, device: torch.device, train: bool, flip: bool | float,
                   generator: torch.Generator | None = None, crop_pad: float = 0.125,
-                  shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+                  shard: tuple[int, int] = (0, 1), norm: Norm | None = None) -> torch.Tensor:
     """uint8 [B,C,H,W] → normalized float on ``device``; when training, random pad-crop (+flip with
-    probability ``flip``: True is 0.5, False or 0 none).
+    probability ``flip``: True is 0.5, False or 0 none). ``norm``: the model's own (mean, std)
+    (``model_norm``), default gpusq's standard ones.
 
     ``shard`` = (rank, world): this batch is the strided share ``rank::world`` of a global batch
     (``Batches`` with ``world`` > 1); the random draws are made for the global batch and sliced
@@ -386,8 +398,9 @@ def prepare_batch(x: torch.Tensor, device: torch.device, train: bool, flip: bool
     """
     x = x.to(device, non_blocking=True).float().div_(255)
     c = x.shape[1]
-    mean = torch.tensor(MEAN.get(c, (0.5,) * c), device=device).view(1, c, 1, 1)
-    std = torch.tensor(STD.get(c, (0.5,) * c), device=device).view(1, c, 1, 1)
+    m, s = norm if norm is not None else (MEAN.get(c, (0.5,) * c), STD.get(c, (0.5,) * c))
+    mean = torch.tensor(m, device=device).view(1, c, 1, 1)
+    std = torch.tensor(s, device=device).view(1, c, 1, 1)
     if train and (crop_pad > 0 or flip):
         x = random_crop_flip(x, pad=round(x.shape[-1] * crop_pad), flip=flip, generator=generator, shard=shard)
     return (x - mean) / std

@@ -105,6 +105,12 @@ class _Stub(nn.Module):
         self.key = key
         self.layer = layer
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The layer's weight, for models that read it off the module (Hugging Face ViT checks the patch
+        projection's dtype); only its metadata may be used, the trace never sees its values."""
+        return self.layer.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _StubFn.apply(x, self.key)
 
@@ -522,15 +528,16 @@ def random_batches(size: tuple[int, ...], n: int, batch_size: int, seed: int = 0
         left -= b
 
 
-def data_batches(data: str, size: tuple[int, int, int], n: int, batch_size: int):
-    """(normalized images, labels) from ``data`` ('mnist5k', an ImageFolder dir or .zip), at most ``n``."""
+def data_batches(data: str, size: tuple[int, int, int], n: int, batch_size: int, norm=None):
+    """(normalized images, labels) from ``data`` ('mnist5k', an ImageFolder dir or .zip), at most ``n``;
+    ``norm``: the model's own (mean, std) (``gpusq.data.model_norm``), default gpusq's."""
     from gpusq.data import Batches, build_dataset, prepare_batch
 
     ds, _ = build_dataset(data, "val", size)
     if len(ds) > n:
         ds = torch.utils.data.Subset(ds, list(range(0, len(ds), max(1, len(ds) // n)))[:n])
     for x, y, _ in Batches(ds, batch_size, shuffle=False, workers=0):
-        yield prepare_batch(x, torch.device("cpu"), train=False, flip=False), y
+        yield prepare_batch(x, torch.device("cpu"), train=False, flip=False, norm=norm), y
 
 
 def verify(model: nn.Module, onnx_path: str | Path, data: str = "random", n: int = 256,
@@ -542,5 +549,7 @@ def verify(model: nn.Module, onnx_path: str | Path, data: str = "random", n: int
     if data == "random":
         batches = random_batches(size, n, batch_size)
     else:
-        batches = data_batches(data, size, n, batch_size)
+        from gpusq.data import model_norm
+
+        batches = data_batches(data, size, n, batch_size, norm=model_norm(model))
     return compare(model, ort_session(onnx_path, optimize=optimize), batches, floor=floor)

@@ -16,6 +16,9 @@ family     task            models
 maskrcnn   detection       ``maskrcnn_swin_t``, ``maskrcnn_swin_test`` (torchvision on timm Swin)
 detr       detection       ``detr_r50``, ``deformable_detr_r50``, ``detr_test``, ``deformable_detr_test``
 upernet    segmentation    ``upernet_swin_t``, ``upernet_swin_test`` (transformers)
+hf-vit     classification  ``ViTForImageClassification``, ``DeiTForImageClassification``,
+                           ``DeiTForImageClassificationWithTeacher`` (transformers; a local HF directory)
+hf-swin    classification  ``SwinForImageClassification`` (transformers; a local HF directory)
 timm       classification  every timm name (``timm.is_model``), facts from timm's ``pretrained_cfg``
 =========  ==============  ====================================================================
 
@@ -24,9 +27,12 @@ task adapters' (``gpusq.pipeline``, ``gpusq.tasks``), which take their model-sid
 The builders of the dense-prediction models live in ``gpusq.tasks.models``; timm, torchvision and
 transformers are imported only when a model is built, so importing this module is cheap.
 
-A new family (e.g. Hugging Face ViT / DeiT / Swin classifiers, issue 14) is one more record given
-to ``register``: families with named models are searched before timm's open catalogue, so a name
-is never taken by timm first, and ``lookup(..., task="classification")`` then lists it too.
+A new family is one more record given to ``register``: families with named models are searched
+before timm's open catalogue, so a name is never taken by timm first, and ``lookup(...,
+task="classification")`` then lists it too. The Hugging Face families (``gpusq.hf``) name their models
+by HF architecture (random weights from an HF config given as ``config=``, default transformers'
+defaults) and also know a local HF directory (``config.json`` + weights) as a name: building one loads
+its weights, so ``stats`` / ``bench`` / ``deploy`` take ``--model ./my-vit`` too.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any
 
 from torch import nn
 
+from gpusq import hf
 from gpusq.distill import DEFAULT_FEATURE_PATTERN
 from gpusq.errors import GpusqError, close_matches
 from gpusq.sparsity import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, FilterFn, SparsityConfig
@@ -143,6 +150,16 @@ class TimmFamily(Family):
         return {"classifier": cfg.classifier, "first_conv": cfg.first_conv, "input_size": tuple(cfg.input_size)}
 
 
+def compile_regions_of(model: nn.Module) -> tuple[str, ...]:
+    """The modules ``deploy`` / ``bench`` compile one by one in ``model``: its Hugging Face family's
+    (encoder layers / Swin blocks) for an HF classifier, else the timm-style blocks."""
+    arch = (getattr(model, "gpusq_hf", None) or {}).get("architecture")
+    for f in FAMILIES:
+        if arch and isinstance(f, HFFamily) and arch in f.builders:
+            return f.compile_regions
+    return BLOCK_COMPILE_REGIONS
+
+
 def model_input_size(model: nn.Module, default: tuple[int, int, int] = (3, 224, 224)) -> tuple[int, int, int]:
     """(C, H, W) ``model`` takes: its patch embedding's image size (a timm ViT / Swin built with
     ``img_size=...``), else timm's ``pretrained_cfg`` input size, else ``default``."""
@@ -209,8 +226,60 @@ TIMM = TimmFamily(
                                                       depths=(2,), num_heads=(2,))},
 )
 
+
+
+@dataclass(frozen=True, eq=False)
+class HFFamily(Family):
+    """Hugging Face image classifiers: a model is an architecture name (random weights, ``config=`` an HF
+    config dict + HF config fields as overrides) or a local ``save_pretrained`` directory (its weights)."""
+
+    def knows(self, name: str) -> bool:
+        if name in self.builders:
+            return True
+        if not hf.is_hf_dir(name):
+            return False
+        try:
+            return hf.read_dir(name)[0] in self.builders
+        except GpusqError:
+            return False
+
+    def _create(self, name: str, kwargs: dict[str, Any]) -> nn.Module:
+        if name in self.builders:
+            return self.builders[name](**kwargs)
+        if kwargs:
+            raise GpusqError(f"{name} is a Hugging Face directory: its config.json sets the model "
+                             f"(no --model-arg: got {', '.join(kwargs)})")
+        import torch
+
+        if torch.empty(0).device.type == "meta":  # stats builds on meta: shapes only, the weights are not read
+            arch, config, pre = hf.read_dir(name)
+            return self.builders[arch](config=config, preprocessor=pre)
+        return hf.load_dir(name)[0]
+
+
+HF_VIT_ARCHS = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")
+HF_VIT = HFFamily(
+    name="hf-vit", task="classification", builders={a: hf.builder(a) for a in HF_VIT_ARCHS},
+    # every Linear of an encoder layer (query / key / value, attention output, intermediate, output dense:
+    # named encoder.layer.N.attention.attention.query ... before transformers 5, layers.N.attention.q_proj /
+    # mlp.fc1 ... since) and the patch-embedding conv; the classifier(s) stay dense
+    include=(r"^(vit|deit)\.(encoder\.)?layers?\.\d+\..+", r"^(vit|deit)\.embeddings\.patch_embeddings\.projection$"),
+    features=r"^(vit|deit)\.(encoder\.)?layers?\.\d+$",  # the encoder layers' outputs
+    compile_regions=(r"^(vit|deit)\.(encoder\.)?layers?\.\d+$", r"^(vit|deit)\.embeddings$"),
+    dense_layers="the classifier(s) (cls / distillation heads), norms, embeddings but the patch projection",
+)
+HF_SWIN = HFFamily(
+    name="hf-swin", task="classification", builders={"SwinForImageClassification": hf.builder(
+        "SwinForImageClassification")},
+    include=(r"^swin\.encoder\.layers\.\d+\.blocks\.\d+\..+", r"^swin\.embeddings\.patch_embeddings\.projection$"),
+    features=r"^swin\.encoder\.layers\.\d+\.blocks\.\d+$",  # each Swin block's output, as timm's Swin
+    compile_regions=(r"^swin\.encoder\.layers\.\d+\.blocks\.\d+$", r"^swin\.embeddings$",
+                     r"^swin\.encoder\.layers\.\d+\.downsample$"),
+    dense_layers="the classifier, norms, patch merging and embeddings but the patch projection",
+)
+
 # Searched in this order: families with named models first, timm's open catalogue last.
-FAMILIES: list[Family] = [MASKRCNN, DETR, UPERNET, TIMM]
+FAMILIES: list[Family] = [MASKRCNN, DETR, UPERNET, HF_VIT, HF_SWIN, TIMM]
 
 
 def _is_open(f: Family) -> bool:

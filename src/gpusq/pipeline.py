@@ -27,7 +27,7 @@ from gpusq import engine
 from gpusq.augment import AugmentConfig, batch_augment
 from gpusq.checkpoint import atomic_write, atomic_write_text, write_compressed
 from gpusq.classes import check_classes, check_same_split_classes, head_size, recorded_classes
-from gpusq.data import Batches, DataInfo, build_dataset, cache_in_memory, prepare_batch
+from gpusq.data import Batches, DataInfo, Norm, build_dataset, cache_in_memory, model_norm, prepare_batch
 from gpusq.distill import DEFAULT_FEATURE_PATTERN, soft_loss
 from gpusq.engine import Step, autocast, device_of, seed_everything
 from gpusq.errors import GpusqError
@@ -95,8 +95,10 @@ def build_loaders(opts: DataOptions, size: tuple[int, int, int], batch_size: int
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Batches, device: torch.device, desc: str = "eval",
-             progress: bool = True) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (in %) and mean cross-entropy over ``batches``."""
+             progress: bool = True, norm: Norm | None = None) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (in %) and mean cross-entropy over ``batches`` (normalized with ``norm``,
+    default the model's own: ``gpusq.data.model_norm``)."""
+    norm = norm if norm is not None else model_norm(model)
     was = model.training
     model.eval()
     n = c1 = c5 = 0
@@ -107,7 +109,7 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device, desc: str
         bad += nb
         if len(y) == 0:
             continue
-        x = x.to(device, non_blocking=True) if ready else prepare_batch(x, device, train=False, flip=False)
+        x = x.to(device, non_blocking=True) if ready else prepare_batch(x, device, train=False, flip=False, norm=norm)
         y = y.to(device)
         with autocast(device):
             out = model(x).float()
@@ -143,9 +145,13 @@ class ClassificationAdapter:
 
     def __init__(self, val: Batches | None, device: torch.device, *, flip: bool | float, crop_pad: float = 0.125,
                  input_size: tuple[int, int, int] | None = None, augment: AugmentConfig | None = None,
-                 num_classes: int = 0, shard: tuple[int, int] = (0, 1), ready: bool = False):
+                 num_classes: int = 0, shard: tuple[int, int] = (0, 1), ready: bool = False,
+                 norm: Norm | None = None, family: object | None = None):
         self.val, self.device, self.flip, self.crop_pad, self.input_size = val, device, flip, crop_pad, input_size
         self.augment, self.num_classes, self.shard, self.ready = augment, num_classes, shard, ready
+        self.norm = norm  # the model's own input normalization (Hugging Face models), else gpusq's
+        if family is not None and getattr(family, "name", "timm") != "timm":  # its GEMMs and KD taps (HF models)
+            self.include, self.features = tuple(family.include), family.features
         self.batch_aug = None  # gpusq.augment.BatchAugment of the running stage (erasing, Mixup / CutMix)
 
     def begin_stage(self, seed: int, cfg: StageConfig) -> None:
@@ -162,7 +168,7 @@ class ClassificationAdapter:
             x = x.to(device, non_blocking=True)
         else:
             x = prepare_batch(x, device, train=train, flip=self.flip if train else False, generator=generator,
-                              crop_pad=self.crop_pad, shard=shard)
+                              crop_pad=self.crop_pad, shard=shard, norm=self.norm)
         if not train:
             return x
         y = y.to(device, non_blocking=True)
@@ -188,7 +194,7 @@ class ClassificationAdapter:
         return model(batch)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return evaluate(model, self.val, self.device, progress=False)
+        return evaluate(model, self.val, self.device, progress=False, norm=self.norm)
 
     def check_recipe(self, recipe: Recipe) -> None:
         """Every recipe field has its use in classification."""
@@ -214,9 +220,19 @@ def resolve_model(model: str | None, model_kwargs: dict, checkpoint: str | None)
     attached to the model as ``net.gpusq_classes``, which ``compress`` and ``train_dense`` check
     against the data's.
     """
-    from gpusq import families
+    from gpusq import families, hf
     from gpusq.checkpoint import load_state_file, load_weights_
 
+    hf.check_not_hub_id(checkpoint)
+    hf.check_not_hub_id(model)
+    hf_dir = checkpoint if hf.is_hf_dir(checkpoint) else model if not checkpoint and hf.is_hf_dir(model) else None
+    if hf_dir:  # a Hugging Face save_pretrained directory: its config.json is the model (gpusq.hf)
+        if model_kwargs:
+            raise GpusqError(f"{hf_dir} is a Hugging Face directory: its config.json sets the model "
+                             f"(no --model-arg: got {', '.join(model_kwargs)})")
+        net, name, kwargs = hf.load_dir(hf_dir)
+        net.gpusq_classes = None  # HF label names (id2label) are not ImageFolder class names: head size checked
+        return net, name, kwargs
     state = None
     classes = None
     if checkpoint:
@@ -233,7 +249,7 @@ def resolve_model(model: str | None, model_kwargs: dict, checkpoint: str | None)
         state = load_state_file(p)
         classes = recorded_classes(p)
     if not model:
-        raise GpusqError("no model given: pass --model NAME (a timm model name)")
+        raise GpusqError("no model given: pass --model NAME (a timm model name) or a Hugging Face directory")
     net = families.build(model, "classification", **model_kwargs)
     if state is not None:
         if any(k.endswith(".weight_mask") for k in state):
@@ -315,7 +331,7 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
                       warmup_epochs=warmup_epochs, batch_size=batch_size, label_smoothing=label_smoothing)
     adapter = ClassificationAdapter(loaders.val, device, flip=loaders.info.flip, crop_pad=loaders.info.crop_pad,
                                     augment=augment, num_classes=loaders.info.num_classes,
-                                    shard=(loaders.train.rank, loaders.train.world))
+                                    shard=(loaders.train.rank, loaders.train.world), norm=model_norm(net))
     res = engine.train_stage("train", net, loaders.train, cfg, device, adapter=adapter,
                              ckpt_path=out / "checkpoints" / "train.safetensors", resume=resume, seed=data.seed,
                              progress=progress, compile=compile)
@@ -390,6 +406,7 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions | None = None
     teacher = teacher.to(device).eval()
     D.broadcast_module_(teacher)  # replicated teacher: identical on every rank, so are the masks
     size = model_input_size(teacher)
+    family = _family_of(model_name)
     if data is not None:
         bs = recipe.loader_batch_size(data.batch_size)
         loaders = build_loaders(data, size, bs, device, augment=recipe.augment)
@@ -398,13 +415,15 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions | None = None
         adapter = ClassificationAdapter(loaders.val, device, flip=loaders.info.flip, crop_pad=loaders.info.crop_pad,
                                         input_size=size, augment=recipe.augment,
                                         num_classes=loaders.info.num_classes,
-                                        shard=(loaders.train.rank, loaders.train.world))
+                                        shard=(loaders.train.rank, loaders.train.world),
+                                        norm=model_norm(teacher), family=family)
         train_batches, calib_batches, where, batch_size = loaders.train, None, data.data, data.batch_size
         run = {"data": str(Path(data.data).resolve()) if Path(data.data).exists() else data.data, "batch_size": bs}
     else:
         adapter = ClassificationAdapter(val_batches, device, flip=False, crop_pad=0.0, input_size=size,
                                         augment=recipe.augment, num_classes=head or 0,
-                                        shard=(train_batches.rank, train_batches.world), ready=True)
+                                        shard=(train_batches.rank, train_batches.world), ready=True,
+                                        family=family)
         where, batch_size = f"{type(train).__name__} (Python)", None
         run = {"data": where, "train_batches": len(train_batches)}
     ck = out / "checkpoints"
@@ -420,6 +439,18 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions | None = None
                            batch_size=batch_size, resume=resume, progress=progress, ckpt_every=ckpt_every,
                            stage1_from=stage1_from, compile=compile, epoch_eval=epoch_eval,
                            calib_batches=calib_batches)
+
+
+def _family_of(model_name: str | None):
+    """The ``gpusq.families`` record of ``model_name`` (None for a model gpusq did not build by name)."""
+    from gpusq import families
+
+    if not model_name:
+        return None
+    try:
+        return families.lookup(model_name, "classification")
+    except GpusqError:
+        return None
 
 
 def _check_data_args(data: DataOptions | None, out: str | Path | None, train: Iterable | None,
@@ -489,9 +520,12 @@ def _short(v: object) -> str:
 # -- evaluation -----------------------------------------------------------------------------------
 def load_any(checkpoint: str, model: str | None = None, model_kwargs: dict | None = None) -> nn.Module:
     """A gpusq output (dense or compressed) or a foreign weights file, ready for evaluation."""
-    from gpusq import families
+    from gpusq import families, hf
     from gpusq.checkpoint import load_compressed
 
+    hf.check_not_hub_id(checkpoint)
+    if hf.is_hf_dir(checkpoint):
+        return resolve_model(None, model_kwargs or {}, checkpoint)[0]
     p = Path(checkpoint)
     f = p / "model.safetensors" if p.is_dir() else p
     if f.suffix == ".safetensors" and f.is_file():

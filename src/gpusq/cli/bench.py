@@ -34,7 +34,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=bench.__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="deit_base_patch16_224",
-                    help="model name(s), comma-separated: timm classifiers, maskrcnn_swin_t, upernet_swin_t, ... "
+                    help="model name(s), comma-separated: timm classifiers, Hugging Face ViTForImageClassification / "
+                         "SwinForImageClassification / a local HF directory, maskrcnn_swin_t, upernet_swin_t, ... "
                          "(default deit_base_patch16_224)")
     add_model_arg(ap, "classifier constructor keyword (repeatable, or comma-separated)")
     ap.add_argument("--input-size", default=None, metavar="H,W",
@@ -98,6 +99,8 @@ def cli_main(argv: list[str], prog: str = "gpusq bench", command: str = "bench")
             fam = families.lookup(model_name, "classification")
             base = fam.build(model_name, **kwargs).eval()
             size, regions = fam.input_size_of(base), fam.compile_regions
+            if fam is not families.TIMM:  # Hugging Face classifiers: their family's GEMMs, as gpusq compress
+                select = fam.gemm_filter(recipe.sparsity.exclude)
             label = model_name
         if args.fused_attn == "on":  # on the shared base: every variant, deployed ones included, is a copy
             enable_fused_attention(base)

@@ -41,7 +41,8 @@ def _data_args(ap: argparse.ArgumentParser) -> None:
 
 
 def _model_args(ap: argparse.ArgumentParser, required: bool = False) -> None:
-    ap.add_argument("--model", required=required, help="timm model name, e.g. deit_tiny_patch16_224")
+    ap.add_argument("--model", required=required, help="timm model name, e.g. deit_tiny_patch16_224, or a local "
+                    "Hugging Face ViT / DeiT / Swin directory (docs/hf.md)")
     add_model_arg(ap, "timm keyword override, e.g. img_size=32 (repeatable, or comma-separated)")
 
 
@@ -111,7 +112,8 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         ap.description = "Train a dense model from scratch (or fine-tune --init) and write DIR/model.safetensors."
         _model_args(ap)
         _data_args(ap)
-        ap.add_argument("--init", help="initial weights: a gpusq output dir, .safetensors or timm .pth")
+        ap.add_argument("--init", help="initial weights: a gpusq output dir, .safetensors, timm .pth or a Hugging Face "
+                        "directory")
         ap.add_argument("--epochs", type=float, default=10)
         ap.add_argument("--lr", type=float, default=1e-3)
         ap.add_argument("--warmup-epochs", type=float, default=1.0)
@@ -138,7 +140,7 @@ def _cli_main(argv: list[str], prog: str, command: str) -> int:
         _model_args(ap)
         _data_args(ap)
         ap.add_argument("--teacher", required=True, help="the trained dense model (gpusq train output dir, "
-                        ".safetensors or timm .pth)")
+                        ".safetensors, timm .pth, or a local Hugging Face ViT / DeiT / Swin directory)")
         add_recipe_args(ap)
         add_no_flip(ap)
         add_out_args(ap)

@@ -57,8 +57,11 @@ class DeployedModel(nn.Module):
 
     def __init__(self, model: nn.Module, input_size: tuple[int, int, int], *, compile: str = "blocks",
                  cuda_graphs: bool = True, input_dtype: torch.dtype = torch.bfloat16,
-                 dense_dtype: torch.dtype = torch.bfloat16):
+                 dense_dtype: torch.dtype = torch.bfloat16, regions: tuple[str, ...] | None = None):
         super().__init__()
+        from gpusq.families import compile_regions_of
+
+        self.regions = tuple(regions) if regions is not None else compile_regions_of(model)  # compiled one by one
         self.model = model
         self.input_size = tuple(input_size)
         self.compile_scope = compile
@@ -91,7 +94,7 @@ class DeployedModel(nn.Module):
         else:  # torch < 2.6 cannot pause compiled regions: search by calling each layer directly
             raise GpusqError("preparing a new batch size after compilation needs torch >= 2.6")
         if not self._compiled:
-            compile_regions(self.model, self.compile_scope)
+            compile_regions(self.model, self.compile_scope, self.regions)
             self._compiled = True
         if not self.cuda_graphs:
             self._core(x)
@@ -225,8 +228,8 @@ def deploy(model_or_dir, recipe=None, batch_sizes=(1,), *, input_size: tuple[int
                              sparse=layer.weight_mask is not None, device=dev, kernel=kernel, name=name)
         new[name] = DeployedPatchEmbed(layer, lin) if isinstance(layer, nn.Conv2d) else lin
     size = input_size or model_input_size(model)
-    pe = getattr(model, "patch_embed", None)
-    pe_compressed = pe is not None and any(getattr(pe, "proj", None) is m for m in layers.values())
+    # a compressed patch conv (timm's patch_embed.proj, HF's patch_embeddings.projection) takes float32 images
+    pe_compressed = any(isinstance(m, nn.Conv2d) for m in layers.values())
     input_dtype = torch.float32 if pe_compressed else dense_dtype
     model.to(device=dev, dtype=dense_dtype)
     for name, mod in new.items():

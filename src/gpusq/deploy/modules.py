@@ -213,6 +213,12 @@ class DeployedPatchEmbed(nn.Module):
         self.out_channels = conv.out_channels
         self.lin = linear
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """An empty float32 tensor: Hugging Face ViT / DeiT cast the images to their patch projection's
+        ``weight.dtype``, and this GEMM takes float32 images (quantized, or cast, inside)."""
+        return torch.empty(0, dtype=torch.float32)
+
     @staticmethod
     def supported(conv: nn.Conv2d) -> bool:
         return (tuple(conv.stride) == tuple(conv.kernel_size) and tuple(conv.padding) == (0, 0)
