@@ -289,8 +289,10 @@ def save_hf_dir(model: nn.Module, out: str | Path, recipe_name: str = "", classe
     (out / "gpusq_quant.json").write_text(json.dumps(scales, indent=1, default=str) + "\n")
     n_sparse = sum(1 for s in scales.values() if s["sparse_2to4"])
     n_act = sum(1 for s in scales.values() if s["input_scale"] is not None)
-    (out / "README.md").write_text(README.format(arch=arch, recipe=recipe_name or "?", n=len(scales),
-                                                 n_sparse=n_sparse, n_act=n_act))
+    text = (README.format(arch=arch, recipe=recipe_name or "?", n=len(scales), n_sparse=n_sparse, n_act=n_act)
+            if scales else f"# {arch} written by gpusq\n\nA dense model (no compressed layers): its weights as "
+                           "they are.\n")
+    (out / "README.md").write_text(text)
     return out
 
 
