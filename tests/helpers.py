@@ -34,3 +34,19 @@ def make_colour_folder(root, seed: int, counts: dict, classes: int = 4, size: in
                 img = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(d / f"{i}.png")
     return root
+
+
+def crash_after_checkpoint(monkeypatch, n: int) -> None:
+    """Make the n-th training checkpoint write the last thing the run does (as a kill right after it)."""
+    import gpusq.engine
+
+    real = gpusq.engine.save_train_state
+    calls = {"n": 0}
+
+    def save_then_die(path, state):
+        real(path, state)
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpusq.engine, "save_train_state", save_then_die)

@@ -10,11 +10,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import gpusq
-import gpusq.engine
 from gpusq.errors import GpusqError
 from gpusq.pipeline import DataOptions, load_any
 from gpusq.recipes import load_recipe
-from tests.helpers import TINY_KW, tiny_vit
+from tests.helpers import TINY_KW, crash_after_checkpoint, tiny_vit
 
 MODEL = "deit_tiny_patch16_224"
 CPU = torch.device("cpu")
@@ -121,19 +120,6 @@ def test_out_is_refused_unless_new_resumed_or_overwritten(teacher, tmp_path):
         _compress(teacher, theirs, overwrite=True)
 
 
-def _crash_at_save(monkeypatch, n: int) -> None:
-    real = gpusq.engine.save_train_state
-    calls = {"n": 0}
-
-    def save_then_die(path, state):
-        real(path, state)
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(gpusq.engine, "save_train_state", save_then_die)
-
-
 def _tensors(d):
     from safetensors.torch import load_file
 
@@ -153,7 +139,7 @@ def test_resume_from_a_shuffling_dataloader_is_exact(teacher, tmp_path, monkeypa
     a = _tensors(ref)
     for crash in (1, 5):  # stage 1 at step 3 (mid-epoch), stage 2 at step 3
         out = tmp_path / f"c{crash}"
-        _crash_at_save(monkeypatch, crash)
+        crash_after_checkpoint(monkeypatch, crash)
         with pytest.raises(KeyboardInterrupt):
             _compress(teacher, out, over=over, ckpt_every=3)
         monkeypatch.undo()

