@@ -570,12 +570,7 @@ def compress(adapter: Adapter, teacher: nn.Module, recipe: Recipe, out: Path, tr
 
 def sparsity_config(adapter: Adapter, recipe: Recipe) -> SparsityConfig:
     """The recipe's 2:4 selection; a family with its own patterns uses them unless the recipe names its own."""
-    from gpusq.sparsity import DEFAULT_INCLUDE
-
-    s = recipe.sparsity
-    if adapter.include is not None and tuple(s.include) == tuple(DEFAULT_INCLUDE):
-        return SparsityConfig(pattern=s.pattern, include=adapter.include, exclude=list(s.exclude))
-    return s
+    return recipe.sparsity.on_family(adapter.include)
 
 
 def feature_pattern(adapter: Adapter, config: DistillConfig) -> DistillConfig:

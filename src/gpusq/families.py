@@ -96,9 +96,7 @@ class Family:
 
     def sparsity_config(self, recipe: SparsityConfig) -> SparsityConfig:
         """The recipe's 2:4 selection on this family: its own GEMMs unless the recipe names its own include."""
-        if tuple(recipe.include) == tuple(DEFAULT_INCLUDE) and tuple(self.include) != tuple(DEFAULT_INCLUDE):
-            return SparsityConfig(pattern=recipe.pattern, include=self.include, exclude=list(recipe.exclude))
-        return recipe
+        return recipe.on_family(self.include)
 
     def gemm_filter(self, exclude: Sequence[str] = (), prefix: str = "") -> FilterFn:
         """``filter_fn(name, module)`` (``sparsify_`` / ``prepare_``) selecting this family's GEMMs minus the

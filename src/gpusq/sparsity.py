@@ -68,6 +68,13 @@ class SparsityConfig:
         if self.pattern not in ("2:4", "none"):
             raise ValueError(f"sparsity pattern {self.pattern!r} is not supported (use '2:4' or 'none')")
 
+    def on_family(self, include: Sequence[str] | None) -> SparsityConfig:
+        """This selection on a model family whose GEMMs are ``include`` (None: the default ones): the
+        family's patterns replace the default include, a recipe's own include is kept."""
+        if include is None or tuple(self.include) != tuple(DEFAULT_INCLUDE) or tuple(include) == tuple(DEFAULT_INCLUDE):
+            return self
+        return SparsityConfig(pattern=self.pattern, include=include, exclude=list(self.exclude))
+
 
 @dataclass
 class LayerSelection:
