@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from gpusq.data import MEAN, STD
 from gpusq.errors import GpusqError
 
-# architecture -> (config class, model_type, the HF base-model attribute)
+# architecture -> (config class, model_type)
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "ViTForImageClassification": ("ViTConfig", "vit"),
     "DeiTForImageClassification": ("DeiTConfig", "deit"),
@@ -42,7 +43,7 @@ DEFAULT_ARCH = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassif
 # HF's processors' defaults where a directory has no preprocessor_config.json: ViTImageProcessor
 # (ViT and, on the hub, Swin's processor class) normalizes with 0.5 / 0.5 unless told; DeiT's and the
 # Swin checkpoints' configs use the ImageNet statistics.
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGENET = (MEAN[3], STD[3])  # gpusq's standard normalization (timm's ImageNet statistics)
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 DEFAULT_NORM = {"vit": HALF, "deit": IMAGENET, "swin": IMAGENET}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
