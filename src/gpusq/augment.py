@@ -18,8 +18,9 @@ resumed: resume stays bit-exact and N processes augment exactly as one.
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +81,12 @@ class AugmentConfig:
 
     def flip_prob(self, dataset_default: float) -> float:
         return dataset_default if self.hflip is None else float(self.hflip)
+
+    def changed(self, names: Sequence[str] | None = None) -> list[str]:
+        """The fields (of ``names``; default all) set away from their defaults: what a recipe asks for."""
+        default = AugmentConfig()
+        return [n for n in (names or [f.name for f in dataclasses.fields(self)])
+                if getattr(self, n) != getattr(default, n)]
 
 
 # -- seeding ------------------------------------------------------------------------------------

@@ -47,10 +47,7 @@ PER_IMAGE_AUGMENT = ("hflip", "auto_augment", "color_jitter")  # gpusq's image l
 
 def check_recipe_for_loaders(recipe: Recipe) -> None:
     """A one-line error for a recipe field a user's loader cannot take (the per-image augmentation)."""
-    from gpusq.augment import AugmentConfig
-
-    default = AugmentConfig()
-    changed = [k for k in PER_IMAGE_AUGMENT if getattr(recipe.augment, k) != getattr(default, k)]
+    changed = recipe.augment.changed(PER_IMAGE_AUGMENT)
     if changed:
         raise GpusqError(f"augment.{changed[0]} is applied by gpusq's image loader; with train= your loader's "
                          "transforms augment (remove it from the recipe)")

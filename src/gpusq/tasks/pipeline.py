@@ -498,12 +498,7 @@ def _check_stage(cfg: StageConfig, field: str) -> None:
 
 def check_recipe(recipe: Recipe) -> None:
     """A one-line error for a recipe field no task can use (every other field is used)."""
-    from dataclasses import fields
-
-    from gpusq.augment import AugmentConfig
-
-    default = AugmentConfig()
-    changed = [f.name for f in fields(default) if getattr(recipe.augment, f.name) != getattr(default, f.name)]
+    changed = recipe.augment.changed()
     if changed:  # the task pipelines have their own data transforms
         raise GpusqError(f"augment.{changed[0]} is for classification; detection / segmentation runs use their "
                          "own data transforms (remove the recipe's augment section)")
