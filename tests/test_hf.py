@@ -114,6 +114,20 @@ def test_sparse_recipe_hf_out_equals_gpusq_exactly(tmp_path, colours, capsys):
     assert "max abs 0.00e+00" in capsys.readouterr().out
     assert main(["export", "--format", "hf", "--checkpoint", str(out), "--out", str(hf_out)]) == 2
     assert "already exists" in capsys.readouterr().err
+    # --overwrite with a checkpoint that is no HF model: refused before the old directory is removed
+    import timm
+
+    from gpusq.pipeline import _write_dense
+    from tests.helpers import KWD, MODEL
+
+    _write_dense(timm.create_model(MODEL, **KWD), tmp_path / "timm_teacher", MODEL, dict(KWD))
+    assert main(["compress", "--teacher", str(tmp_path / "timm_teacher"), "--recipe", "sparse", "--out",
+                 str(tmp_path / "timm_sparse"), *TINY_RECIPE, "--data", str(colours), *FAST]) == 0
+    capsys.readouterr()
+    assert main(["export", "--format", "hf", "--checkpoint", str(tmp_path / "timm_sparse"), "--out", str(hf_out),
+                 "--overwrite"]) == 2
+    assert "not a Hugging Face classifier" in capsys.readouterr().err
+    assert (hf_out / "config.json").is_file() and (hf_out / "model.safetensors").is_file()
 
 
 def test_preprocessor_config_sets_size_and_normalization(tmp_path):

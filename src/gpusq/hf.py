@@ -234,6 +234,13 @@ def is_hf_model(model: nn.Module) -> bool:
     return getattr(model, "gpusq_hf", None) is not None
 
 
+def check_hf_model(model: nn.Module) -> None:
+    """A one-line error unless ``model`` is an HF classifier (what ``save_hf_dir`` can write)."""
+    if not is_hf_model(model):
+        raise GpusqError("this model is not a Hugging Face classifier (it was not loaded from an HF directory "
+                         "or built as one): --format hf writes those only")
+
+
 def save_hf_dir(model: nn.Module, out: str | Path, recipe_name: str = "", classes: list[str] | None = None) -> Path:
     """Write ``model`` (a gpusq HF model, compressed or not) as a ``save_pretrained`` directory: the
     effective weights (2:4 zeros, on-grid quantized values) as dense float32; activation quantizers
@@ -241,9 +248,7 @@ def save_hf_dir(model: nn.Module, out: str | Path, recipe_name: str = "", classe
     ``gpusq_quant.json``). ``classes``: the data's class names, written as ``id2label``."""
     from gpusq.layers import compressed_layers
 
-    if not is_hf_model(model):
-        raise GpusqError("this model is not a Hugging Face classifier (it was not loaded from an HF directory "
-                         "or built as one): --format hf writes those only")
+    check_hf_model(model)
     arch = model.gpusq_hf["architecture"]
     import transformers
 

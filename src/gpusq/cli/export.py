@@ -82,13 +82,16 @@ def _export_hf(args: argparse.Namespace) -> int:
     from gpusq.recipes import load_recipe
 
     out = Path(args.out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+    replace = out.exists() and not (out.is_dir() and not any(out.iterdir()))
+    if replace:
         if not args.overwrite:
             raise GpusqError(f"{out} already exists; pass --overwrite to replace it (or choose a new directory)")
         if not (out / "config.json").is_file():
             raise GpusqError(f"--overwrite: {out} is not a Hugging Face directory written before; not replacing it")
-        shutil.rmtree(out)
     model = load_model(args.checkpoint)
+    hf.check_hf_model(model)  # refused before the old directory is removed
+    if replace:
+        shutil.rmtree(out)
     recipe = Path(args.checkpoint) / "recipe.yaml"
     name = load_recipe(str(recipe)).name if recipe.is_file() else ""
     hf.save_hf_dir(model, out, name, recorded_classes(args.checkpoint))
