@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script sent to the GPU machine (H200): install, GPU tests, benchmarks; logs to $OUT.
 #   bash benchmarks/gpu_run.sh STAGE...   stages: probe cifar kcases fusedcheck swincheck taskcheck hfrepro swinprobe
-#                                         tests deit_b deit_ts small deit_b_model fp8 swin_t swin_sb tasks
+#                                         tests deit_b deit_ts small deit_b_model fp8 swin_t swin_sb tasks hf_swin hf_vit
 # Carry .whl (nvmath-python wheel) and .carry (cifar10-jpeg-20k.zip copied from ../shared/data).
 # Searched cuSPARSELt algorithm ids persist across calls via .carry/cslt_algs.json (carried).
 set -uo pipefail
@@ -113,6 +113,12 @@ PY
     fp8)
       timeout ${T_FP8:-300} gpusq bench --model deit_base_patch16_224 --recipe fp8 --batch 1,256 \
         --variants bf16-compile,fp8-dense,gpusq --profile --json "$OUT/bench_deit_b_fp8.json" 2>&1 | tee -a "$LOG"
+      ;;
+    hf_swin|hf_vit)  # Hugging Face classifiers (issue 14; random weights) beside their timm twins, 1000 classes each
+      case "$stage" in hf_swin) pair=SwinForImageClassification,swin_tiny_patch4_window7_224 ;;
+                       *) pair=ViTForImageClassification,vit_base_patch16_224 ;; esac
+      timeout ${T_HF:-280} gpusq bench --model $pair --model-arg num_classes=1000 --recipe int8 --batch 1,256 \
+        --variants bf16-compile,fp8-dense,gpusq --json "$OUT/$stage.json" 2>&1 | tee -a "$LOG"
       ;;
     *) echo "unknown stage $stage" | tee -a "$LOG" ;;
   esac

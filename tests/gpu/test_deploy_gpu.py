@@ -320,6 +320,50 @@ def test_task_models_deployed_match_fake_quant(name):
         assert err <= (1e-2 if part == "backbone" else 1e-2 + floor)
 
 
+HF_SMALL = {
+    "ViTForImageClassification": dict(image_size=32, patch_size=4, hidden_size=192, num_hidden_layers=4,
+                                      num_attention_heads=3, intermediate_size=768, num_labels=10),
+    "SwinForImageClassification": dict(image_size=32, patch_size=2, embed_dim=64, depths=[2, 2, 2],
+                                       num_heads=[2, 4, 8], window_size=4, num_labels=10),
+}
+
+
+@pytest.mark.parametrize("arch", list(HF_SMALL))
+@pytest.mark.parametrize("recipe", ["int8", "int4"])
+def test_hf_models_deployed_match_fake_quant(arch, recipe):
+    """Hugging Face ViT / Swin classifiers (issue 14; random weights) compressed on their family's GEMMs and
+    deployed on the default path (HF Swin: the fused Swin blocks; HF ViT: per layer, attention through SDPA),
+    against the fake-quant model: the bounds of the random-init timm models above."""
+    from gpusq import families
+    from gpusq.deploy import cslt, deploy
+    from gpusq.layers import compressed_layers
+    from gpusq.quant import calibrate, quantize_
+    from gpusq.recipes import load_recipe
+    from gpusq.sparsity import sparsify_
+
+    torch.manual_seed(0)
+    fq = families.build(arch, **HF_SMALL[arch]).cuda().eval()
+    r = load_recipe(recipe)
+    sparsify_(fq, families.lookup(arch).sparsity_config(r.sparsity))
+    quantize_(fq, r.quant)
+    calib = torch.randn(16, 3, 32, 32, device="cuda")
+    calibrate(fq, lambda m: m(calib))
+    fq.eval()
+    dm = deploy(fq, r, batch_sizes=(500,))
+    x = torch.randn(2000, 3, 32, 32, device="cuda")
+    errs, agrees = zip(*(compare(fq, dm, x[i:i + 500]) for i in range(0, len(x), 500)))
+    err, agree = max(errs), sum(agrees) / len(agrees)
+    f_err, f_agree = bf16_floor(fq, x[:500])
+    n = sum(1 for _ in dm.kernel_report())
+    print(f"CORRECTNESS hf {arch} {recipe} 2:4 [random-init, 2000 random inputs] blocks {dm.fused}, {n} deployed "
+          f"layers: logits rel err (max over batches) {err:.2e}, top-1 agreement {agree:.4f}; bf16-autocast "
+          f"fake-quant vs fp32: {f_err:.2e}, {f_agree:.4f}")
+    assert n > 0 and not list(compressed_layers(dm.model))  # every compressed GEMM runs on a deployed kernel
+    if cslt.available() and arch.startswith("Swin"):
+        assert dm.fused == "fused"
+    assert err <= 5e-2 and agree >= 0.9
+
+
 if __name__ == "__main__" and "--canvases" in __import__("sys").argv:
     from safetensors.torch import save_file
 
