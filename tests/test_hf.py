@@ -210,3 +210,25 @@ def test_hf_swin_classifier_fuses_on_the_swin_blocks(reference_kernels):
     with torch.no_grad():
         assert _rel(fm(x), model(x)) < 3e-2
 
+
+
+def test_deploy_attention_builds_no_mask(monkeypatch):
+    """deploy's HF attention (``hf.mask_free_attention_``) never builds an attention mask: the mask
+    transformers may materialize inside a CUDA-graph capture made the compiled HF ViT layers recompile there
+    (failed on the H200); the logits stay the same."""
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    torch.manual_seed(0)
+    model = families.build("ViTForImageClassification", **VIT).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+
+    def no_mask(*args, **kwargs):
+        raise AssertionError("an attention mask was built")
+
+    monkeypatch.setitem(masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa", no_mask)
+    with pytest.raises(AssertionError, match="mask was built"), torch.no_grad():
+        model(x)  # transformers' own "sdpa" goes through its mask function (here: the spy)
+    assert hf.mask_free_attention_(model) == 1
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)

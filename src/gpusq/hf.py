@@ -230,6 +230,30 @@ def load_dir(path: str | Path) -> tuple[nn.Module, str, dict]:
     return _attach(model, arch, pre), arch, kwargs
 
 
+MASK_FREE_SDPA = "gpusq_sdpa"
+
+
+def mask_free_attention_(model: nn.Module) -> int:
+    """Run ``model``'s SDPA attention with no attention mask ever built; returns how many configs changed.
+
+    Images have no padding, so a mask is never needed, and transformers skips it (``None``) for "sdpa" --
+    except, in some versions, while a CUDA graph is being captured, where it materializes a full mask: the
+    compiled layers then see a new input in the capture and recompile inside it, which fails. An attention
+    implementation registered without a mask function (SDPA itself) makes transformers skip the mask always.
+    """
+    try:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    except ImportError:  # older transformers: attention modules of their own, no mask built for images
+        return 0
+    AttentionInterface.register(MASK_FREE_SDPA, sdpa_attention_forward)
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "_attn_implementation", None) == "sdpa"}
+    for c in configs.values():
+        c._attn_implementation = MASK_FREE_SDPA
+    return len(configs)
+
+
 def is_hf_model(model: nn.Module) -> bool:
     return getattr(model, "gpusq_hf", None) is not None
 

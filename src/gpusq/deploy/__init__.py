@@ -196,6 +196,7 @@ def deploy(model_or_dir, recipe=None, batch_sizes=(1,), *, input_size: tuple[int
     ``True`` requires it (one-line error naming why not); ``False`` never uses it. The result's
     ``fused`` attribute says which path ran and why.
     """
+    from gpusq import hf
     from gpusq.deploy.modules import DeployedLinear, DeployedPatchEmbed
     from gpusq.families import model_input_size
     from gpusq.layers import compressed_layers, replace_module
@@ -212,6 +213,8 @@ def deploy(model_or_dir, recipe=None, batch_sizes=(1,), *, input_size: tuple[int
                          "first)")
     dense_dtype = DTYPES[recipe.deploy.dense_dtype] if recipe is not None else torch.bfloat16
     model = copy.deepcopy(model).eval()
+    if hf.is_hf_model(model):
+        hf.mask_free_attention_(model)  # no attention mask built inside a CUDA-graph capture
     if fused_attention:
         enable_fused_attention(model)
     layers = compressed_layers(model)
