@@ -179,6 +179,7 @@ class Variant:
                  regions: tuple[str, ...] = BLOCK_COMPILE_REGIONS):
         import torch
 
+        from gpusq import hf
         from gpusq.deploy import deploy
         from gpusq.deploy.fused import compile_regions
 
@@ -194,6 +195,8 @@ class Variant:
             self.dtype = torch.bfloat16
             if name == "bf16-compile":
                 compile_regions(self.model, args.compile_scope, regions)
+        if self.deployed is None and hf.is_hf_model(self.model):
+            hf.mask_free_attention_(self.model)  # as deploy() does: no mask built inside the graph capture
         else:
             from gpusq.quant import QuantConfig, QuantSpec
 
