@@ -188,15 +188,14 @@ class Variant:
         dev = torch.device("cuda")
         self.deployed = None
         self.dtype = torch.float32
-        if name in ("fp32", "tf32"):
-            self.model = copy.deepcopy(base).to(dev).eval()
-        elif name in ("bf16", "bf16-compile"):
-            self.model = copy.deepcopy(base).to(dev, torch.bfloat16).eval()
-            self.dtype = torch.bfloat16
+        if name in ("fp32", "tf32", "bf16", "bf16-compile"):
+            dt = torch.bfloat16 if name.startswith("bf16") else torch.float32
+            self.model = copy.deepcopy(base).to(dev, dt).eval()
+            self.dtype = dt
+            if hf.is_hf_model(self.model):
+                hf.mask_free_attention_(self.model)  # as deploy() does: no mask built inside the graph capture
             if name == "bf16-compile":
                 compile_regions(self.model, args.compile_scope, regions)
-        if self.deployed is None and hf.is_hf_model(self.model):
-            hf.mask_free_attention_(self.model)  # as deploy() does: no mask built inside the graph capture
         else:
             from gpusq.quant import QuantConfig, QuantSpec
 

@@ -244,7 +244,7 @@ def deploy(model_or_dir, recipe=None, batch_sizes=(1,), *, input_size: tuple[int
         from gpusq.deploy.vit import fuse_vit_forward
 
         why = fuse_vit_forward(model)
-        out.fused_forward = "fused" if why is None else f"timm's ({why})"
+        out.fused_forward = "fused" if why is None else f"the model's own ({why})"
     for b in batch_sizes:
         out.prepare(int(b))
     return out
