@@ -205,7 +205,7 @@ class Variant:
             src = copy.deepcopy(base).to(dev).eval()
             if name == "fp8-dense":
                 fp8 = QuantConfig(QuantSpec("fp8_e4m3"), QuantSpec("fp8_e4m3"))
-                fq = _calibrated(src, fp8, calib_x, sparse=False)
+                fq = _calibrated(src, fp8, calib_x, sparse=False, filter_fn=select)  # gpusq's layers, dense
                 self.deployed = deploy(fq, None, batch_sizes=(), compile=args.compile_scope,
                                        fp8_kernel="dense", input_size=input_size, fused=fused)
             else:
