@@ -232,3 +232,25 @@ def test_deploy_attention_builds_no_mask(monkeypatch):
     assert hf.mask_free_attention_(model) == 1
     with torch.no_grad():
         assert torch.equal(model(x), ref)
+
+
+def test_dense_train_output_exports_to_hf(tmp_path, colours, capsys):
+    """An HF model fine-tuned by ``gpusq train --init DIR`` (a dense output) goes back to transformers with
+    ``export --format hf``: the fine-tuned weights, logits equal."""
+    src = tmp_path / "hf"
+    save_tiny("ViTForImageClassification", src)
+    out = tmp_path / "ft"
+    assert main(["train", "--init", str(src), "--data", str(colours), "--epochs", "1", "--out", str(out),
+                 *FAST]) == 0
+    hf_out = tmp_path / "ft_hf"
+    assert main(["export", "--format", "hf", "--checkpoint", str(out), "--out", str(hf_out)]) == 0
+    assert "a dense model" in capsys.readouterr().out
+    from gpusq.pipeline import load_any
+
+    x = torch.randn(2, 3, 16, 16)
+    loaded = transformers.AutoModelForImageClassification.from_pretrained(str(hf_out), local_files_only=True).eval()
+    before = transformers.AutoModelForImageClassification.from_pretrained(str(src), local_files_only=True).eval()
+    with torch.no_grad():
+        theirs = loaded(pixel_values=x).logits
+        assert torch.allclose(theirs, load_any(str(out))(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(theirs, before(pixel_values=x).logits)  # the fine-tuned weights, not the old

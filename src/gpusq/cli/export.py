@@ -88,15 +88,20 @@ def _export_hf(args: argparse.Namespace) -> int:
             raise GpusqError(f"{out} already exists; pass --overwrite to replace it (or choose a new directory)")
         if not (out / "config.json").is_file():
             raise GpusqError(f"--overwrite: {out} is not a Hugging Face directory written before; not replacing it")
-    model = load_model(args.checkpoint)
+    from gpusq.pipeline import load_any
+
+    model = load_any(args.checkpoint)  # a compressed output, or a dense one (`gpusq train` of an HF model)
     hf.check_hf_model(model)  # refused before the old directory is removed
     if replace:
         shutil.rmtree(out)
     recipe = Path(args.checkpoint) / "recipe.yaml"
     name = load_recipe(str(recipe)).name if recipe.is_file() else ""
     hf.save_hf_dir(model, out, name, recorded_classes(args.checkpoint))
-    print(f"wrote {out}  (transformers AutoModelForImageClassification; effective weights as dense float32, "
-          "activation quantization left out: README.md there)")
+    from gpusq.layers import compressed_layers
+
+    what = ("effective weights as dense float32, activation quantization left out: README.md there"
+            if compressed_layers(model) else "a dense model, its weights as they are")
+    print(f"wrote {out}  (transformers AutoModelForImageClassification; {what})")
     if args.verify:
         if args.verify != "random":
             raise GpusqError("--format hf verifies on random inputs: pass --verify random")
