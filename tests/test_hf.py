@@ -254,3 +254,28 @@ def test_dense_train_output_exports_to_hf(tmp_path, colours, capsys):
         theirs = loaded(pixel_values=x).logits
         assert torch.allclose(theirs, load_any(str(out))(x), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(theirs, before(pixel_values=x).logits)  # the fine-tuned weights, not the old
+
+
+def test_id2label_in_another_order_than_the_data_is_refused(tmp_path, colours, capsys):
+    """An HF model whose id2label names are the data's classes in another order would be scored against the
+    wrong classes: one line. The same names in order pass without a note; other names (ImageNet's words vs
+    folder ids) are only counted, with a note."""
+    names = sorted(p.name for p in (colours / "train").iterdir())
+    data = ["--data", str(colours), *FAST]
+    for order, expect in ((names[::-1], "class order differs at index 0"), (names, None), ([f"w{i}" for i in
+                                                                                           range(len(names))], "note")):
+        src = tmp_path / "_".join(order)
+        model = save_tiny("ViTForImageClassification", src)
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["id2label"] = {str(i): n for i, n in enumerate(order)}
+        cfg["label2id"] = {n: i for i, n in enumerate(order)}
+        (src / "config.json").write_text(json.dumps(cfg))
+        assert model.config.num_labels == len(names)
+        capsys.readouterr()  # (save_pretrained's progress bar)
+        rc = main(["eval", "--checkpoint", str(src), *data])
+        err = capsys.readouterr().err
+        if expect and expect.startswith("class order"):
+            assert rc != 0 and expect in err and "id2label" in err and len(err.strip().splitlines()) == 1, err
+        else:
+            assert rc == 0
+            assert ("id2label" in err) == (expect == "note"), err

@@ -82,15 +82,26 @@ def _only(a: list[str], a_label: str, b: list[str], b_label: str) -> str:
 
 
 def check_classes(model_classes: Sequence[str] | None, head: int | None, data_classes: Sequence[str], *,
-                  who: str, data: str, note: bool = True, hint: str = "") -> None:
+                  who: str, data: str, note: bool = True, hint: str = "",
+                  label_names: Sequence[str] | None = None) -> None:
     """Stop (one-line ``GpusqError``) unless the data's classes are the model's, in the same order.
 
     ``model_classes``: the names recorded with the model (None: unknown; then only ``head``, the size
     of the model's classifier, is checked against the number of data classes, and with ``note`` a
     line on stderr says so). ``who`` names the model (``the teacher``), ``data`` the data; ``hint`` is
-    added to a head-size mismatch."""
+    added to a head-size mismatch. ``label_names``: names a model carries that need not be folder names
+    (a Hugging Face config's ``id2label``, e.g. "tabby cat" for folder ``n02123045``): only the data's own
+    names in another order stop the run (its predictions would be scored against the wrong classes)."""
     data_classes = [str(c) for c in data_classes]
     nd = len(data_classes)
+    if model_classes is None and label_names:
+        ln = [str(c) for c in label_names]
+        if ln != data_classes and sorted(ln) == sorted(data_classes):
+            i = next(k for k, (a, b) in enumerate(zip(ln, data_classes)) if a != b)
+            raise GpusqError(f"class order differs at index {i}: {who} labels it '{ln[i]}' (its id2label), the "
+                             f"data ({data}) has '{data_classes[i]}' there; reorder the model's labels or the data")
+        if ln == data_classes:
+            return
     if model_classes is not None:
         mc = [str(c) for c in model_classes]
         if len(mc) != nd:
@@ -113,7 +124,9 @@ def check_classes(model_classes: Sequence[str] | None, head: int | None, data_cl
                          f"{show(data_classes)}{why}{hint}")
     if model_classes is None and note and int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
         counted = f"their number ({nd}) matches its head" if head is not None else "they could not be checked"
-        print(f"note: {who} records no class names; {counted}", file=sys.stderr, flush=True)
+        what = ("labels other names than the data's classes (its id2label)" if label_names
+                else "records no class names")
+        print(f"note: {who} {what}; {counted}", file=sys.stderr, flush=True)
 
 
 def check_same_classes(a: Sequence[str], b: Sequence[str], a_label: str, b_label: str) -> None:

@@ -134,12 +134,24 @@ def preprocessing(config: Any, preprocessor: dict | None) -> dict[str, Any]:
             "std": tuple(float(v) for v in std)}
 
 
+def label_names(config: Any) -> list[str] | None:
+    """The config's ``id2label`` names in label order; None where they are transformers' ``LABEL_i``
+    placeholders (no names given)."""
+    id2label = getattr(config, "id2label", None) or {}
+    try:
+        names = [str(id2label[i] if i in id2label else id2label[str(i)]) for i in range(int(config.num_labels))]
+    except (KeyError, ValueError, TypeError):
+        return None
+    return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
 def _attach(model: nn.Module, arch: str, preprocessor: dict | None) -> nn.Module:
     """What gpusq reads off a model: input size (``pretrained_cfg``, as timm's), normalization, head size."""
     pre = preprocessing(model.config, preprocessor)
     model.pretrained_cfg = pre
     model.gpusq_norm = (pre["mean"], pre["std"])
     model.num_classes = int(model.config.num_labels)
+    model.gpusq_label_names = label_names(model.config)
     model.gpusq_hf = {"architecture": arch, "preprocessor": preprocessor}
     return model
 

@@ -231,7 +231,7 @@ def resolve_model(model: str | None, model_kwargs: dict, checkpoint: str | None)
             raise GpusqError(f"{hf_dir} is a Hugging Face directory: its config.json sets the model "
                              f"(no --model-arg: got {', '.join(model_kwargs)})")
         net, name, kwargs = hf.load_dir(hf_dir)
-        net.gpusq_classes = None  # HF label names (id2label) are not ImageFolder class names: head size checked
+        net.gpusq_classes = None  # HF label names (id2label) need not be folder names: net.gpusq_label_names
         return net, name, kwargs
     state = None
     classes = None
@@ -321,7 +321,7 @@ def train_dense(model: str | None, model_kwargs: dict, data: DataOptions, out: s
     init_classes = getattr(net, "gpusq_classes", None)
     if init or init_classes is not None:
         check_classes(init_classes, head_size(net), classes, who=f"--init {init}" if init else "the initial model",
-                      data=data.data)
+                      data=data.data, label_names=getattr(net, "gpusq_label_names", None))
     else:
         n = len(classes)
         check_classes(None, head_size(net), classes, who=f"the model {model or ''}".rstrip(), data=data.data,
@@ -411,7 +411,8 @@ def compress(teacher: nn.Module, recipe: Recipe, data: DataOptions | None = None
         bs = recipe.loader_batch_size(data.batch_size)
         loaders = build_loaders(data, size, bs, device, augment=recipe.augment)
         classes = loaders.info.classes
-        check_classes(teacher_classes, head, classes, who="the teacher", data=data.data)
+        check_classes(teacher_classes, head, classes, who="the teacher", data=data.data,
+                      label_names=getattr(teacher, "gpusq_label_names", None))
         adapter = ClassificationAdapter(loaders.val, device, flip=loaders.info.flip, crop_pad=loaders.info.crop_pad,
                                         input_size=size, augment=recipe.augment,
                                         num_classes=loaders.info.num_classes,
@@ -553,7 +554,7 @@ def eval_checkpoint(checkpoint: str, data: DataOptions, model: str | None = None
     net = load_any(checkpoint, model, model_kwargs).to(device)
     val_ds, info = build_dataset(data.data, "val", model_input_size(net), data.skip_bad_images)
     check_classes(recorded_classes(checkpoint), head_size(net), info.classes, who=f"checkpoint {checkpoint}",
-                  data=data.data)
+                  data=data.data, label_names=getattr(net, "gpusq_label_names", None))
     val = Batches(val_ds, data.batch_size or 256, shuffle=False, workers=data.workers, pin=device.type == "cuda",
                   rank=D.rank(), world=D.world(), even=False)
     return evaluate(net, val, device, progress=progress)
