@@ -287,3 +287,23 @@ def test_tasks_refuse_an_augment_section(tmp_path, capsys):
     rc = main(["compress", "--task", "detection", "--teacher", str(tmp_path), "--data", str(tmp_path),
                "--out", str(tmp_path / "o"), "--set", "augment.mixup=0.8"])
     assert rc == 2 and "augment.mixup is for classification; detection / segmentation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["pixel", "rand", "const"])
+def test_batched_erasing_equals_timm_per_image(mode):
+    """BatchAugment's erasing (drawn into scratch images, written once) equals timm's RandomErasing applied
+    image by image with the same per-image seeds: the same boxes and the same noise."""
+    from timm.data.random_erasing import RandomErasing
+
+    cfg = AugmentConfig(re_prob=0.6, re_mode=mode, re_count=2)
+    x = torch.randn(24, 3, 16, 16)
+    for shard in ((0, 1), (1, 3)):
+        ours = BatchAugment(cfg, 10, seed=5, shard=shard)(x.clone(), torch.zeros(24, dtype=torch.long), 7)[0]
+        ref = x.clone()
+        timm_erase = RandomErasing(0.6, mode=mode, max_count=2, device="cpu")
+        for j in range(len(ref)):
+            A.reseed(A.mix_seed(5, 7, 1, j * shard[1] + shard[0]))
+            timm_erase(ref[j])
+        assert torch.equal(ours, ref)
+        changed = (ours != x).flatten(1).any(1)
+        assert 0 < int(changed.sum()) < len(x)  # some images erased, some not (p = 0.6)

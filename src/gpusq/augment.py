@@ -288,15 +288,34 @@ class BatchAugment:
                           num_classes=num_classes) if cfg.mixing else None)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rk, ws = self.shard
         with GlobalRng():
             if self.erase is not None:
-                for j in range(len(x)):
-                    reseed(mix_seed(self.seed, step, 1, j * ws + rk))
-                    self.erase(x[j])
+                self._erase(x, step)
             if self.mix is not None:
                 x, y = self._mix(x, y, step)
         return x, y
+
+    def _erase(self, x: torch.Tensor, step: int) -> None:
+        """timm's erasing of each image, seeded per image, drawn on the CPU (``_Boxes`` records what timm
+        writes), then the boxes' pixels go to ``x``'s device in one copy: a per-image write from the CPU
+        into a GPU batch is a synchronizing copy each (the loop cannot run ahead of the GPU); numpy, which
+        timm's erasing does not use, is not reseeded."""
+        rk, ws = self.shard
+        boxes = _Boxes(x.shape[1:], x.dtype)
+        for j in range(len(x)):
+            reseed(mix_seed(self.seed, step, 1, j * ws + rk), numpy=False)
+            boxes.image = j
+            self.erase(boxes)
+        if not boxes.writes:
+            return
+        flat = torch.cat([v.reshape(-1) for _, _, v in boxes.writes])
+        if x.device.type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(x.device, non_blocking=True)
+        at = 0
+        for j, key, v in boxes.writes:
+            x[j][key] = flat[at:at + v.numel()].view(v.shape)
+            at += v.numel()
 
     def _mix(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rk, ws = self.shard
@@ -308,6 +327,21 @@ class BatchAugment:
         xp, yp = (x, y) if ws == 1 else partner_batch(x, y, ws - 1 - rk)
         z, t = self.mix(torch.cat([x, xp]), torch.cat([y, yp]))
         return z[:b], t[:b]
+
+
+class _Boxes:
+    """Stands in for one image (C, H, W) in timm's ``RandomErasing``: records the boxes it writes and their
+    values (drawn on the CPU) for ``BatchAugment._erase``."""
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype):
+        self.shape, self.dtype, self.image = shape, dtype, 0
+        self.writes: list[tuple[int, tuple, torch.Tensor]] = []
+
+    def size(self) -> torch.Size:
+        return self.shape
+
+    def __setitem__(self, key: tuple, value: torch.Tensor) -> None:
+        self.writes.append((self.image, key, value))
 
 
 def partner_batch(x: torch.Tensor, y: torch.Tensor, partner: int) -> tuple[torch.Tensor, torch.Tensor]:
