@@ -60,8 +60,8 @@ TEACHER_AUGMENT = {
     "none": {},
     "deit": {"auto_augment": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0, "re_prob": 0.25,
              "re_mode": "pixel"},
-    # DeiT's batch-level half only (no RandAugment: PIL per image caps the H200 host's loader at ~7k img/s,
-    # half the training speed; Mixup/CutMix and erasing run on the GPU)
+    # DeiT's batch-level half only (no RandAugment; Mixup/CutMix on the GPU, erasing drawn on the CPU and
+    # written in one copy per batch; docs/results.md on the speeds measured)
     "mix": {"mixup": 0.8, "cutmix": 1.0, "re_prob": 0.25, "re_mode": "pixel"},
 }
 EST_IMG_PER_S = 1_000  # conservative per-process rate with many processes on one GPU (for the deadline)
