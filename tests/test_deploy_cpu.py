@@ -193,3 +193,26 @@ def test_enable_fused_attention_same_outputs():
     with torch.no_grad():
         a, b = m(x), fused(x)
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), float((a - b).abs().max())
+
+
+def test_bench_fp8_baseline_quantizes_the_gpusq_variants_layers():
+    """bench's dense FP8 baseline and its gpusq variant prepare the same layers: a Hugging Face model's family
+    GEMMs (its own names, not timm's ``blocks``), 2:4 masks on the gpusq variant only."""
+    pytest.importorskip("transformers")
+    from gpusq import families
+    from gpusq.bench import _calibrated
+    from gpusq.layers import compressed_layers
+    from gpusq.quant import QuantConfig, QuantSpec
+    from gpusq.recipes import load_recipe
+
+    name = "ViTForImageClassification"
+    model = families.build(name, image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=64, num_labels=4).eval()
+    r = load_recipe("int8")
+    sp = families.lookup(name).sparsity_config(r.sparsity)
+    x = torch.randn(2, 3, 16, 16)
+    ours = compressed_layers(_calibrated(model, r.quant, x, sparse=True, sparsity=sp))
+    fp8 = compressed_layers(_calibrated(model, QuantConfig(QuantSpec("fp8_e4m3"), QuantSpec("fp8_e4m3")), x,
+                                        sparse=False, sparsity=sp))
+    assert list(fp8) == list(ours) and len(ours) == 7  # q, k, v, o, fc1, fc2 + the patch projection
+    assert all(m.weight_mask is not None for m in ours.values()) and all(m.weight_mask is None for m in fp8.values())

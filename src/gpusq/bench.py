@@ -31,6 +31,7 @@ large batch are medians of repeated CUDA-event timings of graph replays after wa
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 import time
@@ -159,21 +160,24 @@ def _upernet_backbone(var, runner, batch: int, min_time: float, reps: int) -> di
 
 def _calibrated(model, recipe_quant, batch_x, sparse: bool, sparsity=None, filter_fn=None):
     """A copy of ``model`` with ``recipe_quant`` (on 2:4 masks when ``sparse``) applied and calibrated on
-    ``batch_x`` (``gpusq.prepare.prepare_``); ``filter_fn`` selects the layers instead of ``sparsity``'s patterns."""
+    ``batch_x`` (``gpusq.prepare.prepare_``) to the layers ``sparsity`` selects (dense when not ``sparse``);
+    ``filter_fn`` selects them instead of its patterns."""
     from gpusq.prepare import prepare_
     from gpusq.recipes import Recipe
     from gpusq.sparsity import SparsityConfig
 
     m = copy.deepcopy(model)
-    sp = (sparsity or SparsityConfig()) if sparse else SparsityConfig(pattern="none")
+    sp = sparsity or SparsityConfig()
+    if not sparse:
+        sp = dataclasses.replace(sp, pattern="none")
     prepare_(m, Recipe(sparsity=sp, quant=recipe_quant), calibrate_fn=lambda mm: mm(batch_x), filter_fn=filter_fn)
     return m.eval()
 
 
 class Variant:
     """A callable ``batch -> runner`` for one variant (runner(x) replays a CUDA graph). ``select``: the
-    layers the gpusq variant compresses (default the recipe's); ``regions``: what ``bf16-compile`` compiles
-    one by one (the family's compile regions)."""
+    layers the gpusq and fp8-dense variants compress (default the recipe's sparsity selection);
+    ``regions``: what ``bf16-compile`` compiles one by one (the family's compile regions)."""
 
     def __init__(self, name: str, base, args, recipe, input_size, select=None,
                  regions: tuple[str, ...] = BLOCK_COMPILE_REGIONS):
@@ -205,7 +209,8 @@ class Variant:
             src = copy.deepcopy(base).to(dev).eval()
             if name == "fp8-dense":
                 fp8 = QuantConfig(QuantSpec("fp8_e4m3"), QuantSpec("fp8_e4m3"))
-                fq = _calibrated(src, fp8, calib_x, sparse=False, filter_fn=select)  # gpusq's layers, dense
+                fq = _calibrated(src, fp8, calib_x, sparse=False, sparsity=recipe.sparsity,
+                                 filter_fn=select)  # the gpusq variant's layers, dense
                 self.deployed = deploy(fq, None, batch_sizes=(), compile=args.compile_scope,
                                        fp8_kernel="dense", input_size=input_size, fused=fused)
             else:

@@ -7,6 +7,7 @@ variant is.)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -94,19 +95,19 @@ def cli_main(argv: list[str], prog: str = "gpusq bench", command: str = "bench")
         if task is not None:  # the family's GEMMs (minus the recipe's exclude patterns), in the part timed
             base, size, extra, regions = task.base, task.size, task.extra, task.family.compile_regions
             select = task.select(recipe.sparsity.exclude)
+            rec = recipe
             label = f"{model_name}:{task.part}"
         else:
             fam = families.lookup(model_name, "classification")
             base = fam.build(model_name, **kwargs).eval()
             size, regions = fam.input_size_of(base), fam.compile_regions
-            if fam is not families.TIMM:  # Hugging Face classifiers: their family's GEMMs, as gpusq compress
-                select = fam.gemm_filter(recipe.sparsity.exclude)
+            rec = dataclasses.replace(recipe, sparsity=fam.sparsity_config(recipe.sparsity))  # as gpusq compress
             label = model_name
         if args.fused_attn == "on":  # on the shared base: every variant, deployed ones included, is a copy
             enable_fused_attention(base)
         for vname in variants:
             print(f"[{label}] building {vname} ...", file=sys.stderr, flush=True)
-            var = Variant(vname, base, args, recipe, size, select=select, regions=regions)
+            var = Variant(vname, base, args, rec, size, select=select, regions=regions)
             setup[f"{model_name}/{vname}"] = {"build_s": var.setup_s}
             for b in batches:
                 xs = [torch.randn(b, *size, device="cuda") for _ in range(2)]

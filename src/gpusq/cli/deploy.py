@@ -63,7 +63,8 @@ def cli_main(argv: list[str], prog: str = "gpusq deploy", command: str = "deploy
         base = fam.build(args.model, **parse_model_kwargs(args.model_arg)).eval()
         size = fam.input_size_of(base)
         calib = torch.randn(8, *size, generator=torch.Generator().manual_seed(1)).to(dev)
-        fq = _calibrated(base.to(dev), recipe.quant, calib, sparse=recipe.sparse, sparsity=recipe.sparsity)
+        fq = _calibrated(base.to(dev), recipe.quant, calib, sparse=recipe.sparse,
+                         sparsity=fam.sparsity_config(recipe.sparsity))  # its family's GEMMs, as gpusq compress
         dm = deploy(fq, recipe, batch_sizes=batches, fused=fused, input_size=size)
         what = f"{args.model} ({recipe.name}, random weights)"
     seconds = time.perf_counter() - t0
