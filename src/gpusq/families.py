@@ -225,7 +225,6 @@ TIMM = TimmFamily(
 )
 
 
-
 @dataclass(frozen=True, eq=False)
 class HFFamily(Family):
     """Hugging Face image classifiers: a model is an architecture name (random weights, ``config=`` an HF
@@ -244,9 +243,7 @@ class HFFamily(Family):
     def _create(self, name: str, kwargs: dict[str, Any]) -> nn.Module:
         if name in self.builders:
             return self.builders[name](**kwargs)
-        if kwargs:
-            raise GpusqError(f"{name} is a Hugging Face directory: its config.json sets the model "
-                             f"(no --model-arg: got {', '.join(kwargs)})")
+        hf.check_no_overrides(name, kwargs)
         import torch
 
         if torch.empty(0).device.type == "meta":  # stats builds on meta: shapes only, the weights are not read

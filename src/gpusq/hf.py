@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +176,13 @@ def builder(arch: str):
     return build
 
 
+def check_no_overrides(path: str | Path, overrides: dict) -> None:
+    """A directory's config.json sets its model: constructor overrides (``--model-arg``) are one line."""
+    if overrides:
+        raise GpusqError(f"{path} is a Hugging Face directory: its config.json sets the model "
+                         f"(no --model-arg: got {', '.join(overrides)})")
+
+
 def read_dir(path: str | Path) -> tuple[str, dict, dict | None]:
     """(architecture, config.json, preprocessor_config.json or None) of an HF directory; one-line
     errors for one gpusq cannot use."""
@@ -202,27 +211,38 @@ def read_dir(path: str | Path) -> tuple[str, dict, dict | None]:
     return arch, config, pre
 
 
+@contextmanager
+def _quiet(errors_only: bool = False) -> Iterator[None]:
+    """transformers without progress bars (and, ``errors_only``, without warnings) inside the block; its
+    settings restored after."""
+    import transformers
+
+    log = transformers.logging
+    verbosity, bars = log.get_verbosity(), log.is_progress_bar_enabled()
+    if errors_only:
+        log.set_verbosity_error()
+    log.disable_progress_bar()
+    try:
+        yield
+    finally:
+        log.set_verbosity(verbosity)
+        if bars:
+            log.enable_progress_bar()
+
+
 def load_dir(path: str | Path) -> tuple[nn.Module, str, dict]:
     """(model with the directory's weights, its architecture name, its model kwargs: ``config`` and
     ``preprocessor``), read offline; a config/weights mismatch is one line."""
-    import transformers
-
     arch, _, pre = read_dir(path)
     cls = model_class(arch)
-    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
-    transformers.logging.set_verbosity_error()  # the mismatches are reported below, in one line
-    transformers.logging.disable_progress_bar()
     try:
-        model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True,
-                                          ignore_mismatched_sizes=True, dtype=torch.float32,
-                                          attn_implementation="sdpa")
+        with _quiet(errors_only=True):  # the mismatches are reported below, in one line
+            model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True,
+                                              ignore_mismatched_sizes=True, dtype=torch.float32,
+                                              attn_implementation="sdpa")
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad directory
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GpusqError(f"{path}: transformers could not load it ({first})") from None
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-        if bars:
-            transformers.logging.enable_progress_bar()
     problems = []
     mism = sorted(info.get("mismatched_keys") or [])
     if mism:
@@ -313,13 +333,8 @@ def save_hf_dir(model: nn.Module, out: str | Path, recipe_name: str = "", classe
                          f"unexpected {list(unexpected)[:2]}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    bars = transformers.logging.is_progress_bar_enabled()
-    transformers.logging.disable_progress_bar()
-    try:
+    with _quiet():
         plain.save_pretrained(str(out))
-    finally:
-        if bars:
-            transformers.logging.enable_progress_bar()
     pre = dict(model.gpusq_hf.get("preprocessor") or {})
     if not pre:
         p = model.pretrained_cfg
@@ -374,14 +389,9 @@ def verify_hf_dir(model: nn.Module, path: str | Path, n: int = 8, seed: int = 0)
     model's, activation quantizers off (``weights_only``), on ``n`` random inputs: max abs / relative error."""
     import transformers
 
-    bars = transformers.logging.is_progress_bar_enabled()
-    transformers.logging.disable_progress_bar()
-    try:
+    with _quiet():
         ref = transformers.AutoModelForImageClassification.from_pretrained(
             str(path), local_files_only=True, dtype=torch.float32, attn_implementation="sdpa").eval()
-    finally:
-        if bars:
-            transformers.logging.enable_progress_bar()
     ours = weights_only(model).float().eval().cpu()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *model.pretrained_cfg["input_size"], generator=g)

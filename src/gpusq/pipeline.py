@@ -227,9 +227,7 @@ def resolve_model(model: str | None, model_kwargs: dict, checkpoint: str | None)
     hf.check_not_hub_id(model)
     hf_dir = checkpoint if hf.is_hf_dir(checkpoint) else model if not checkpoint and hf.is_hf_dir(model) else None
     if hf_dir:  # a Hugging Face save_pretrained directory: its config.json is the model (gpusq.hf)
-        if model_kwargs:
-            raise GpusqError(f"{hf_dir} is a Hugging Face directory: its config.json sets the model "
-                             f"(no --model-arg: got {', '.join(model_kwargs)})")
+        hf.check_no_overrides(hf_dir, model_kwargs)
         net, name, kwargs = hf.load_dir(hf_dir)
         net.gpusq_classes = None  # HF label names (id2label) need not be folder names: net.gpusq_label_names
         return net, name, kwargs
@@ -521,12 +519,9 @@ def _short(v: object) -> str:
 # -- evaluation -----------------------------------------------------------------------------------
 def load_any(checkpoint: str, model: str | None = None, model_kwargs: dict | None = None) -> nn.Module:
     """A gpusq output (dense or compressed) or a foreign weights file, ready for evaluation."""
-    from gpusq import families, hf
+    from gpusq import families
     from gpusq.checkpoint import load_compressed
 
-    hf.check_not_hub_id(checkpoint)
-    if hf.is_hf_dir(checkpoint):
-        return resolve_model(None, model_kwargs or {}, checkpoint)[0]
     p = Path(checkpoint)
     f = p / "model.safetensors" if p.is_dir() else p
     if f.suffix == ".safetensors" and f.is_file():
