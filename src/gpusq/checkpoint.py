@@ -351,8 +351,10 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_weights_(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Load ``state`` strictly; a mismatch is a one-line error naming the first problem."""
+def load_weights_(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
+                  target: str = "the model") -> None:
+    """Load ``state`` strictly; a mismatch is a one-line error (``source does not match target: ...``)
+    naming the first problem."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -366,5 +368,5 @@ def load_weights_(model: nn.Module, state: dict[str, torch.Tensor], source: str 
             what.append(f"{len(missing)} missing keys (e.g. '{missing[0]}')")
         if unexpected:
             what.append(f"{len(unexpected)} unexpected keys (e.g. '{unexpected[0]}')")
-        raise GpusqError(f"{source} does not match the model: " + "; ".join(what))
+        raise GpusqError(f"{source} does not match {target}: " + "; ".join(what))
     model.load_state_dict(state, strict=True)

@@ -26,7 +26,14 @@ from torch import nn
 
 from gpusq import distributed as D
 from gpusq import engine, families
-from gpusq.checkpoint import atomic_write, atomic_write_text, load_compressed, load_state_file, write_compressed
+from gpusq.checkpoint import (
+    atomic_write,
+    atomic_write_text,
+    load_compressed,
+    load_state_file,
+    load_weights_,
+    write_compressed,
+)
 from gpusq.classes import check_classes, check_same_classes
 from gpusq.data import Batches
 from gpusq.distill import soft_loss
@@ -394,17 +401,7 @@ def load_teacher(task: str, teacher: str | Path, data: str, model: str | None = 
     data_ds = t.load_data(data)
     kw = t.check_kwargs(data_ds, model_kwargs or {})
     m = t.family.build(model, **kw)
-    state = load_state_file(p)
-    own = m.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shape:
-        first = (shape and f"{shape[0]}: {tuple(state[shape[0]].shape)} vs {tuple(own[shape[0]].shape)}") \
-            or (missing + unexpected)[0]
-        raise GpusqError(f"{p} does not match {model}{_kw_text(kw)}: {len(missing)} missing, {len(unexpected)} "
-                         f"unexpected, {len(shape)} of another shape (e.g. {first})")
-    m.load_state_dict(state)
+    load_weights_(m, load_state_file(p), str(p), target=f"{model}{_kw_text(kw)}")
     m.eval()
     if device is not None:
         m.to(device)
