@@ -133,7 +133,6 @@ def check_2to4(model: nn.Module) -> dict[str, bool]:
 
     Checks the weight the layer actually uses (masked and, if quantized, on the quantization grid).
     """
-
     return {
         name: is_2to4(mod.effective_weight())
         for name, mod in model.named_modules()
@@ -146,7 +145,6 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
     """Prune the selected layers of ``model`` to 2:4 in place (magnitude masks), swapping each for
     a compressed layer that keeps enforcing its mask. Returns what was selected and skipped.
     ``filter_fn(name, module)`` selects instead of ``config``'s include/exclude patterns."""
-
     config = config or SparsityConfig()
     sel = select_layers(model, config.include, config.exclude, filter_fn)
     layers = ensure_compressed(model, sel.selected)
@@ -159,7 +157,6 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
 @torch.no_grad()
 def apply_masks_(model: nn.Module) -> None:
     """Re-zero pruned weights (e.g. after loading foreign weights into a sparse model)."""
-
     for layer in compressed_layers(model).values():
         if layer.weight_mask is not None:
             layer.weight.mul_(layer.weight_mask)
