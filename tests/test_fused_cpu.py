@@ -403,3 +403,67 @@ def test_residual_stream_starts_aligned():
     assert xr.data_ptr() % 16 == 0 and torch.equal(xr, odd.reshape(64, 64))
     even = base[:-1].view(2, 32, 64)
     assert FusedBlocks.pad(even).data_ptr() == even.data_ptr()
+
+
+@pytest.mark.parametrize("arch", ["ViTForImageClassification", "DeiTForImageClassificationWithTeacher"])
+@pytest.mark.parametrize("recipe", ["int8", "int4"])
+def test_fused_hf_vit_layers_match_fake_quant(reference_kernels, arch, recipe):
+    """An HF ViT / DeiT encoder on the fused ViT blocks (q/k/v as one GEMM; CPU reference kernels): the
+    fake-quant model's logits; 17 / 18 tokens (rows padded), width 72 (padded), 3 heads."""
+    from gpusq import families
+    from gpusq.deploy.hf_vit import FusedHFViTLayers, fuse_hf_vit_layers, hf_vit_layers
+    from gpusq.layers import compressed_layers
+    from gpusq.quant import calibrate, quantize_
+    from gpusq.recipes import load_recipe
+    from gpusq.sparsity import sparsify_
+
+    torch.manual_seed(0)
+    model = families.build(arch, image_size=32, patch_size=8, hidden_size=72, num_hidden_layers=2,
+                           num_attention_heads=3, intermediate_size=144, num_labels=10).eval()
+    r = load_recipe(recipe)
+    sparsify_(model, families.lookup(arch).sparsity_config(r.sparsity))
+    quantize_(model, r.quant)
+    calib = torch.randn(8, 3, 32, 32)
+    calibrate(model, lambda m: m(calib))
+    model.eval()
+    fm = copy.deepcopy(model)
+    assert fuse_hf_vit_layers(fm, compressed_layers(fm), torch.device("cpu")) is None
+    prefix, _, attr = hf_vit_layers(model)
+    fused = fm.get_submodule(prefix)
+    assert len(fused) == 1 and isinstance(fused[0], FusedHFViTLayers) and len(fused[0].blocks) == 2
+    for b in (1, 5):
+        x = torch.randn(b, 3, 32, 32)
+        with torch.no_grad():
+            ref, out = model(x), fm(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # what the bf16 residual stream alone does
+                floor = _rel(model(x).float(), ref)
+        assert _rel(out, ref) < 1.25 * floor + 5e-3, (b, _rel(out, ref), floor)  # wrong kernels/scales: ~1
+        assert bool((out.argmax(1) == ref.argmax(1)).all())
+
+
+def test_hf_vit_layers_with_different_qkv_scales_stay_per_layer():
+    """q, k and v of one layer quantize one input; if their input scales differ (e.g. moved apart by QAT),
+    one INT8 input cannot serve the concatenated GEMM: the layer is refused, with the reason."""
+    from gpusq import families
+    from gpusq.deploy.hf_vit import fuse_hf_vit_layers
+    from gpusq.layers import compressed_layers
+    from gpusq.quant import calibrate, quantize_
+    from gpusq.recipes import load_recipe
+    from gpusq.sparsity import sparsify_
+
+    torch.manual_seed(0)
+    model = families.build("ViTForImageClassification", image_size=32, patch_size=8, hidden_size=72,
+                           num_hidden_layers=1, num_attention_heads=3, intermediate_size=144, num_labels=10).eval()
+    r = load_recipe("int8")
+    sparsify_(model, families.lookup("ViTForImageClassification").sparsity_config(r.sparsity))
+    quantize_(model, r.quant)
+    calibrate(model, lambda m: m(torch.randn(4, 3, 32, 32)))
+    layers = compressed_layers(model)
+    k = next(n for n in layers if n.endswith(("k_proj", "attention.key")))
+    q = layers[k].input_quant
+    for name in ("scale", "amax"):
+        t = getattr(q, name, None)
+        if isinstance(t, torch.Tensor):
+            t.data.mul_(1.5)
+    why = fuse_hf_vit_layers(model, layers, torch.device("cpu"))
+    assert why is not None and "different scales" in why

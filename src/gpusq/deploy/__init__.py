@@ -265,12 +265,14 @@ def _fuse(model: nn.Module, layers: dict, fused, dev: torch.device) -> str:
     if fused is False:
         return "off (fused=False)"
     from gpusq.deploy import cslt
+    from gpusq.deploy.hf_vit import fuse_hf_vit_layers, hf_vit_layers
     from gpusq.deploy.swin import fuse_swin_blocks, swin_stages
     from gpusq.deploy.vit import fuse_vit_blocks
 
     why = None if cslt.available() else "nvmath-python is not installed (pip install 'gpusq[gpu]')"
     if why is None:
         why = (fuse_swin_blocks(model, layers, dev) if swin_stages(model)
+               else fuse_hf_vit_layers(model, layers, dev) if hf_vit_layers(model)
                else fuse_vit_blocks(model, layers, dev))
     if why is None:
         return "fused"
