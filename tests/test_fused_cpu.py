@@ -349,11 +349,12 @@ def test_window_row_map_is_hugging_faces(hw):
 
 def test_fused_hf_swin_needs_one_input_scale():
     """q, k and v share one INT8 input: different learned input scales cannot be fused (and say so)."""
-    from gpusq.deploy.swin import _get, hf_layout
+    from gpusq.deploy.swin import hf_layout
+    from gpusq.deploy.vit import submodule
 
     model = _hf_swin()
     blk = model.encoder.layers[0].blocks[0]
-    k = _get(blk, hf_layout(blk)["k"])
+    k = submodule(blk, hf_layout(blk)["k"])
     k.input_quant.scale.data.mul_(1.5)  # as after QAT with learnable activation scales
     fm, why = _fused_swin(model)
     assert "different scales" in why

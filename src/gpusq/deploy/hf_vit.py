@@ -14,8 +14,16 @@ from torch import nn
 
 from gpusq.deploy import cusparselt as cs
 from gpusq.deploy.modules import layer_codes
-from gpusq.deploy.swin import _erf_gelu, _get
-from gpusq.deploy.vit import FusedBlock, FusedBlocks, GemmBlock, gemm_specs, one_backend, why_not_gemm_layers
+from gpusq.deploy.vit import (
+    FusedBlock,
+    FusedBlocks,
+    GemmBlock,
+    find_layout,
+    gemm_specs,
+    one_backend,
+    submodule,
+    why_not_hf_block,
+)
 
 # module paths inside one encoder layer: transformers 5.x, then 4.x
 HF_VIT_LAYOUTS = (
@@ -29,10 +37,7 @@ LAYER_TYPES = ("ViTLayer", "DeiTLayer")
 
 
 def hf_vit_layout(layer: nn.Module) -> dict[str, str] | None:
-    for lay in HF_VIT_LAYOUTS:
-        if all(_get(layer, path) is not None for path in lay.values()):
-            return lay
-    return None
+    return find_layout(layer, HF_VIT_LAYOUTS)
 
 
 def hf_vit_layers(model: nn.Module) -> tuple[str, nn.Module, str] | None:
@@ -54,20 +59,7 @@ def why_not_hf_vit_layer(layer: nn.Module, compressed: dict[str, nn.Module], pre
     lay = hf_vit_layout(layer)
     if lay is None or not all(hasattr(layer, a) for a in ("layernorm_before", "layernorm_after")):
         return f"{prefix}: a {type(layer).__name__} of an unknown transformers layout"
-    for ln in (layer.layernorm_before, layer.layernorm_after):
-        if not isinstance(ln, nn.LayerNorm) or ln.weight is None:
-            return f"{prefix}: norms are not affine LayerNorms"
-    if not _erf_gelu(_get(layer, lay["act"])):
-        return f"{prefix}: the MLP activation is not erf GELU"
-    names = [f"{prefix}.{lay[k]}" for k in ("q", "k", "v", "proj", "fc1", "fc2")]
-    why = why_not_gemm_layers(compressed, names)
-    if why is not None:
-        return why
-    scales = [layer_codes(compressed[n])[3].float() for n in names[:3]]
-    if not all(torch.equal(scales[0], t) for t in scales[1:]):
-        return (f"{prefix}: query, key and value quantize their shared input with different scales "
-                "(one INT8 input cannot serve all three)")
-    return None
+    return why_not_hf_block(layer, lay, compressed, prefix)
 
 
 class FusedHFViTBlock(FusedBlock):
@@ -80,9 +72,9 @@ class FusedHFViTBlock(FusedBlock):
                  "fc1": f"{prefix}.{lay['fc1']}", "fc2": f"{prefix}.{lay['fc2']}"}
         GemmBlock.__init__(self, layer.layernorm_before, layer.layernorm_after, gemm_specs(compressed, names), prefix,
                            device, backend)
-        attn = _get(layer, lay["heads"])
+        attn = submodule(layer, lay["heads"])
         self.heads = int(attn.num_attention_heads)
-        self.head_dim = _get(layer, lay["q"]).out_features // self.heads
+        self.head_dim = submodule(layer, lay["q"]).out_features // self.heads
         self.scale = float(getattr(attn, "scaling", self.head_dim ** -0.5))
         if self.qkv.np_ != cs.round_up(3 * self.heads * self.head_dim) or self.proj.np_ != cs.round_up(self.dim):
             raise ValueError(f"{prefix}: unexpected q/k/v or output widths")

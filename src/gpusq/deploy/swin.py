@@ -32,11 +32,13 @@ from gpusq.deploy.modules import layer_codes
 from gpusq.deploy.vit import (
     FusedBlocks,
     GemmBlock,
+    find_layout,
     gemm_specs,
     one_backend,
+    submodule,
     timm_specs,
     why_not_gemm_block,
-    why_not_gemm_layers,
+    why_not_hf_block,
 )
 
 NEG_MASK = -100.0  # timm's value for keys outside a shifted window's region
@@ -123,27 +125,9 @@ HF_LAYOUTS = (
 )
 
 
-def _get(mod: nn.Module, path: str):
-    for part in path.split("."):
-        mod = getattr(mod, part, None)
-        if mod is None:
-            return None
-    return mod
-
-
 def hf_layout(layer: nn.Module) -> dict[str, str] | None:
     """The ``HF_LAYOUTS`` entry whose module paths all exist in ``layer``, or None."""
-    for lay in HF_LAYOUTS:
-        if all(_get(layer, path) is not None for path in lay.values()):
-            return lay
-    return None
-
-
-def _erf_gelu(act) -> bool:
-    if isinstance(act, nn.GELU):
-        return act.approximate == "none"
-    # transformers' GELUActivation is F.gelu (erf) unless it was built with use_gelu_python
-    return type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is nn.functional.gelu
+    return find_layout(layer, HF_LAYOUTS)
 
 
 def why_not_hf_layer(layer: nn.Module, compressed: dict[str, nn.Module], prefix: str) -> str | None:
@@ -152,25 +136,11 @@ def why_not_hf_layer(layer: nn.Module, compressed: dict[str, nn.Module], prefix:
     if lay is None or not all(hasattr(layer, a) for a in ("layernorm_before", "layernorm_after", "window_size",
                                                           "shift_size")):
         return f"{prefix}: a SwinLayer of an unknown transformers layout"
-    for ln in (layer.layernorm_before, layer.layernorm_after):
-        if not isinstance(ln, nn.LayerNorm) or ln.weight is None:
-            return f"{prefix}: norms are not affine LayerNorms"
-    if not _erf_gelu(_get(layer, lay["act"])):
-        return f"{prefix}: the MLP activation is not erf GELU"
-    heads = _get(layer, lay["heads"]).num_attention_heads
-    head_dim = _get(layer, lay["q"]).out_features // heads
+    heads = submodule(layer, lay["heads"]).num_attention_heads
+    head_dim = submodule(layer, lay["q"]).out_features // heads
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"{prefix}: head dim {head_dim} is not a power of two >= 16 (the window-attention kernel's tiles)"
-    names = [f"{prefix}.{lay[k]}" for k in ("q", "k", "v", "proj", "fc1", "fc2")]
-    why = why_not_gemm_layers(compressed, names)
-    if why is not None:
-        return why
-
-    scales = [layer_codes(compressed[n])[3].float() for n in names[:3]]
-    if not all(torch.equal(scales[0], t) for t in scales[1:]):
-        return (f"{prefix}: query, key and value quantize their shared input with different scales "
-                "(one INT8 input cannot serve all three)")
-    return None
+    return why_not_hf_block(layer, lay, compressed, prefix)
 
 
 class FusedSwinBlock(GemmBlock):
@@ -202,7 +172,7 @@ class FusedSwinBlock(GemmBlock):
     @classmethod
     def from_hf(cls, layer: nn.Module, compressed: dict, prefix: str, device: torch.device, backend: str):
         lay = hf_layout(layer)
-        heads = _get(layer, lay["heads"]).num_attention_heads
+        heads = submodule(layer, lay["heads"]).num_attention_heads
         specs = gemm_specs(compressed, {"qkv": tuple(f"{prefix}.{lay[k]}" for k in "qkv"),
                                         "proj": f"{prefix}.{lay['proj']}", "fc1": f"{prefix}.{lay['fc1']}",
                                         "fc2": f"{prefix}.{lay['fc2']}"})
@@ -210,7 +180,7 @@ class FusedSwinBlock(GemmBlock):
         ws, sh = int(layer.window_size), int(layer.shift_size)
         return cls(layer.layernorm_before, layer.layernorm_after, specs, prefix, device, backend, heads=heads,
                    scale=head_dim ** -0.5, window=(ws, ws), shift=(sh, sh),
-                   rel_bias=_rel_pos_bias(_get(layer, lay["rel"])), hf_order=True)
+                   rel_bias=_rel_pos_bias(submodule(layer, lay["rel"])), hf_order=True)
 
     def tables(self, h: int, w: int, device: torch.device,
                always_partition: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:

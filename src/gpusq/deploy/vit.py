@@ -51,6 +51,52 @@ def why_not_gemm_block(block: nn.Module, compressed: dict[str, nn.Module], prefi
     return why_not_gemm_layers(compressed, [f"{prefix}.{rel}" for rel in GEMMS])
 
 
+def submodule(mod: nn.Module, path: str) -> nn.Module | None:
+    """``mod``'s submodule at a dotted path, or None where any part is missing."""
+    for part in path.split("."):
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod
+
+
+def find_layout(layer: nn.Module, layouts: tuple[dict[str, str], ...]) -> dict[str, str] | None:
+    """The first of ``layouts`` (module paths by role) whose paths all exist in ``layer``, or None."""
+    for lay in layouts:
+        if all(submodule(layer, path) is not None for path in lay.values()):
+            return lay
+    return None
+
+
+def erf_gelu(act) -> bool:
+    if isinstance(act, nn.GELU):
+        return act.approximate == "none"
+    # transformers' GELUActivation is F.gelu (erf) unless it was built with use_gelu_python
+    return type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is nn.functional.gelu
+
+
+def why_not_hf_block(layer: nn.Module, lay: dict[str, str], compressed: dict[str, nn.Module],
+                     prefix: str) -> str | None:
+    """What every fused Hugging Face encoder layer needs (ViT, DeiT and Swin alike; ``lay``: its module
+    paths): affine LayerNorms, erf GELU, query / key / value / output / intermediate / output dense compressed
+    to a format with a fused kernel, and query, key and value quantizing their one input with one scale
+    (they run as one qkv GEMM); ``None`` or the reason."""
+    for ln in (layer.layernorm_before, layer.layernorm_after):
+        if not isinstance(ln, nn.LayerNorm) or ln.weight is None:
+            return f"{prefix}: norms are not affine LayerNorms"
+    if not erf_gelu(submodule(layer, lay["act"])):
+        return f"{prefix}: the MLP activation is not erf GELU"
+    names = [f"{prefix}.{lay[k]}" for k in ("q", "k", "v", "proj", "fc1", "fc2")]
+    why = why_not_gemm_layers(compressed, names)
+    if why is not None:
+        return why
+    scales = [layer_codes(compressed[n])[3].float() for n in names[:3]]
+    if not all(torch.equal(scales[0], t) for t in scales[1:]):
+        return (f"{prefix}: query, key and value quantize their shared input with different scales "
+                "(one INT8 input cannot serve all three)")
+    return None
+
+
 def why_not_gemm_layers(compressed: dict[str, nn.Module], names: list[str]) -> str | None:
     """``None`` if every named layer is compressed to a format with a fused kernel, else the reason."""
     from gpusq.layers import CompressedLayer
