@@ -19,7 +19,7 @@ from gpusq.deploy.vit import (
     FusedBlocks,
     GemmBlock,
     find_layout,
-    gemm_specs,
+    hf_specs,
     one_backend,
     submodule,
     why_not_hf_block,
@@ -68,10 +68,8 @@ class FusedHFViTBlock(FusedBlock):
     def __init__(self, layer: nn.Module, compressed: dict[str, nn.Module], prefix: str, device: torch.device,
                  backend: str = "int8"):
         lay = hf_vit_layout(layer)
-        names = {"qkv": tuple(f"{prefix}.{lay[k]}" for k in "qkv"), "proj": f"{prefix}.{lay['proj']}",
-                 "fc1": f"{prefix}.{lay['fc1']}", "fc2": f"{prefix}.{lay['fc2']}"}
-        GemmBlock.__init__(self, layer.layernorm_before, layer.layernorm_after, gemm_specs(compressed, names), prefix,
-                           device, backend)
+        GemmBlock.__init__(self, layer.layernorm_before, layer.layernorm_after, hf_specs(compressed, lay, prefix),
+                           prefix, device, backend)
         attn = submodule(layer, lay["heads"])
         self.heads = int(attn.num_attention_heads)
         self.head_dim = submodule(layer, lay["q"]).out_features // self.heads

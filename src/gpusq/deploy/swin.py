@@ -33,7 +33,7 @@ from gpusq.deploy.vit import (
     FusedBlocks,
     GemmBlock,
     find_layout,
-    gemm_specs,
+    hf_specs,
     one_backend,
     submodule,
     timm_specs,
@@ -173,9 +173,7 @@ class FusedSwinBlock(GemmBlock):
     def from_hf(cls, layer: nn.Module, compressed: dict, prefix: str, device: torch.device, backend: str):
         lay = hf_layout(layer)
         heads = submodule(layer, lay["heads"]).num_attention_heads
-        specs = gemm_specs(compressed, {"qkv": tuple(f"{prefix}.{lay[k]}" for k in "qkv"),
-                                        "proj": f"{prefix}.{lay['proj']}", "fc1": f"{prefix}.{lay['fc1']}",
-                                        "fc2": f"{prefix}.{lay['fc2']}"})
+        specs = hf_specs(compressed, lay, prefix)
         head_dim = specs["qkv"][0].shape[0] // 3 // heads
         ws, sh = int(layer.window_size), int(layer.shift_size)
         return cls(layer.layernorm_before, layer.layernorm_after, specs, prefix, device, backend, heads=heads,

@@ -146,6 +146,13 @@ def timm_specs(compressed: dict[str, nn.Module], prefix: str) -> dict[str, GemmS
     return gemm_specs(compressed, {k: f"{prefix}.{rel}" for k, rel in zip(("qkv", "proj", "fc1", "fc2"), GEMMS)})
 
 
+def hf_specs(compressed: dict[str, nn.Module], lay: dict[str, str], prefix: str) -> dict[str, GemmSpec]:
+    """``gemm_specs`` of a Hugging Face encoder layer (ViT, DeiT or Swin; ``lay``: its module paths): query,
+    key and value as one qkv GEMM, then the attention output, intermediate and output dense."""
+    return gemm_specs(compressed, {"qkv": tuple(f"{prefix}.{lay[k]}" for k in "qkv"), "proj": f"{prefix}.{lay['proj']}",
+                                   "fc1": f"{prefix}.{lay['fc1']}", "fc2": f"{prefix}.{lay['fc2']}"})
+
+
 def one_backend(backends: set[str]) -> tuple[str, str | None]:
     """(the backend all fused blocks share, None), or (``""``, why they cannot run fused): mixed formats,
     or FP8 without nvmath-python's cuBLASLt."""
